@@ -1,0 +1,157 @@
+"""Run a function in N local processes joined in one torch.distributed group.
+
+This is the single entry point every multi-process test and CPU benchmark uses::
+
+    from parallel.testing import run_distributed
+    results = run_distributed(my_fn, world_size=4, args=(cfg,))
+
+Each child gets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` set
+(torchrun's contract), joins the default process group (gloo on CPU, NCCL when asked and CUDA is
+present), calls ``fn(*args)`` and sends the return value back to the parent. Communication: the
+children talk to each other only through the process group ``fn`` uses; results and
+tracebacks travel to the parent through a multiprocessing queue.
+
+Failure is loud: if any rank raises, the parent raises :class:`DistributedRunError` holding that
+rank's traceback; if the run outlives ``timeout`` seconds every child is killed and the error names
+the ranks that had not finished (a hung collective shows up as exactly that).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.multiprocessing as mp
+
+
+class DistributedRunError(RuntimeError):
+    """A rank raised, or the run timed out; the message carries each failing rank's traceback."""
+
+
+def free_port() -> int:
+    """An unused TCP port on localhost (the OS picks it; a tiny reuse race remains)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class _ChildSpec:
+    fn: Callable[..., Any]
+    args: tuple
+    kwargs: dict
+    world_size: int
+    port: int
+    backend: str
+    env: dict[str, str] = field(default_factory=dict)
+    threads: int = 1
+
+
+def _child(rank: int, spec: _ChildSpec, results: Any) -> None:
+    os.environ.update(spec.env)
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(spec.world_size),
+            "LOCAL_WORLD_SIZE": str(spec.world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(spec.port),
+        }
+    )
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(spec.threads)
+        if spec.backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(spec.backend, rank=rank, world_size=spec.world_size)
+        try:
+            out = spec.fn(*spec.args, **spec.kwargs)
+        finally:
+            # megatron-core keeps extra groups alive; destroying the default group ends them all.
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        results.put((rank, "ok", out))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    backend: str = "gloo",
+    timeout: float = 300.0,
+    env: dict[str, str] | None = None,
+    threads: int = 1,
+) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks; return the per-rank results in rank order.
+
+    ``fn`` and its arguments must be picklable (a module-level function). ``threads`` caps each
+    child's intra-op threads so several ranks share a small machine without oversubscribing it.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    spec = _ChildSpec(fn, tuple(args), dict(kwargs or {}), world_size, free_port(), backend, dict(env or {}), threads)
+    procs = [ctx.Process(target=_child, args=(r, spec, results), daemon=True) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    name = getattr(fn, "__name__", repr(fn))
+    outs: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outs) + len(errors) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(outs) - set(errors))
+                raise DistributedRunError(
+                    f"{getattr(fn, '__name__', fn)}: timed out after {timeout:.0f}s; ranks {missing} "
+                    f"did not finish (a collective that not every rank entered hangs like this)."
+                    + _format_errors(errors)
+                )
+            try:
+                rank, status, payload = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                done = set(outs) | set(errors)
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in done]
+                if dead:
+                    # A child died without reporting (segfault, OOM kill); give peers a moment to report.
+                    time.sleep(0.5)
+                    while not results.empty():
+                        rank, status, payload = results.get()
+                        (outs if status == "ok" else errors)[rank] = payload
+                    for r in dead:
+                        errors.setdefault(r, f"process exited with code {procs[r].exitcode} without a result")
+                    raise DistributedRunError(f"{name} failed" + _format_errors(errors)) from None
+                continue
+            if status == "ok":
+                outs[rank] = payload
+            else:
+                errors[rank] = payload
+                # One failing rank usually leaves the others blocked in a collective: stop early.
+                break
+        if errors:
+            raise DistributedRunError(f"{getattr(fn, '__name__', fn)} failed" + _format_errors(errors))
+        return [outs[r] for r in range(world_size)]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+
+def _format_errors(errors: dict[int, str]) -> str:
+    return "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
