@@ -30,9 +30,7 @@ EXTRAS = {
     "eval": ["transformers", "sentencepiece"],
     "launch": ["mpi4py"],
 }
-EXTRAS["dev"] = sorted(
-    set(EXTRAS["video"] + EXTRAS["logging"] + ["pytest", "pytest-timeout", "ruff", "scikit-video"])
-)
+EXTRAS["dev"] = sorted(set(EXTRAS["video"] + EXTRAS["logging"] + ["pytest", "pytest-timeout", "ruff", "scikit-video"]))
 
 setup(
     name="megatron-timeexpert",
