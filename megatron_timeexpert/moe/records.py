@@ -1,0 +1,173 @@
+"""Routing records (TimeExpert §3.3): what the router remembers about past routing decisions.
+
+Owns, as buffers (so they travel in ``state_dict`` and checkpoints):
+
+- per-expert activation counts, as totals since construction and for the current recording window
+  (``reset_window()`` starts a new window; the totals are never reset);
+- ``last_active_step`` (R_E): the update step at which each expert last fired on any rank;
+- ``*_unrouted_sum`` / ``*_unrouted_count`` (R_S): the float64 sum and the number of embeddings of
+  tokens that fired no expert (``unrouted_mean()`` gives the normalised mean used to add an expert,
+  TimeExpert eq. 7);
+- per token type: token counts and per-expert activation counts (``[num_types, E_max]``), and the
+  running activation rate ``type_rate`` = A_t, an EMA of "fraction of type-t tokens that fired
+  expert e" that the TimeExpert gate reads (eq. 6).
+
+Communication: one ``all_reduce(SUM)`` per :meth:`RoutingRecords.update` over ``group`` (a process
+group that must cover ALL data-parallel and expert-parallel ranks that run this layer; ``None``
+means a single process and no communication). The local contributions are packed into ONE flat
+float64 buffer ``[type_expert_counts (num_types*E_max) | type_token_counts (num_types) |
+type_unrouted_counts (num_types) | unrouted_sum (H)]``, reduced once, unpacked, and only then
+applied; every derived quantity (totals, windows, R_E, the A_t EMA) is computed from the reduced
+numbers, so every rank holds bit-identical records and routes identically. Every rank of ``group``
+must call ``update`` the same number of times (each forward of the layer in training does).
+Float64 keeps counts exact up to 2**53 and makes the sums independent of the dtype of the hidden states.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_timeexpert.moe.types import NUM_TOKEN_TYPES
+
+_ACC = ("counts", "type_counts", "type_tokens", "type_unrouted", "unrouted_sum", "unrouted_count")
+
+
+class RoutingRecords(nn.Module):
+    """Globally reduced routing statistics of one router (see module docstring).
+
+    Args:
+        num_experts: E_max, the number of logical expert ids.
+        hidden_size: H, the size of the token embeddings summed into R_S.
+        num_types: number of token types (rows of A_t); defaults to every :class:`TokenType`.
+        rate_decay: EMA decay of A_t: ``A <- decay * A + (1 - decay) * batch_rate`` for each type
+            present in the (reduced) batch; a type's first observation initialises A_t directly.
+        group: process group over which updates are summed (all DP x EP ranks); None: no reduction.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        num_types: int = NUM_TOKEN_TYPES,
+        rate_decay: float = 0.99,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= rate_decay < 1.0:
+            raise ValueError(f"rate_decay must be in [0, 1), got {rate_decay!r}")
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.num_types = num_types
+        self.rate_decay = rate_decay
+        self.group = group
+        f64 = torch.float64
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("window_start_step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("last_active_step", torch.zeros(num_experts, dtype=torch.long))
+        self.register_buffer("type_rate", torch.zeros(num_types, num_experts, dtype=torch.float32))
+        for prefix in ("total", "window"):
+            self.register_buffer(f"{prefix}_counts", torch.zeros(num_experts, dtype=f64))
+            self.register_buffer(f"{prefix}_type_counts", torch.zeros(num_types, num_experts, dtype=f64))
+            self.register_buffer(f"{prefix}_type_tokens", torch.zeros(num_types, dtype=f64))
+            self.register_buffer(f"{prefix}_type_unrouted", torch.zeros(num_types, dtype=f64))
+            self.register_buffer(f"{prefix}_unrouted_sum", torch.zeros(hidden_size, dtype=f64))
+            self.register_buffer(f"{prefix}_unrouted_count", torch.zeros((), dtype=f64))
+
+    # ------------------------------------------------------------------ update
+    def local_contribution(self, fired: torch.Tensor, token_type: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's flat float64 buffer for one update (the layout in the module docstring)."""
+        nt = self.num_types
+        fired = fired.detach().to(torch.float64)
+        tt = token_type.detach().long()
+        type_onehot = torch.nn.functional.one_hot(tt, nt).to(torch.float64)  # [T, nt]
+        type_counts = type_onehot.t() @ fired  # [nt, E]
+        type_tokens = type_onehot.sum(0)
+        empty = fired.sum(1) == 0  # [T]
+        type_unrouted = type_onehot[empty].sum(0)
+        unrouted_sum = hidden.detach()[empty].to(torch.float64).sum(0)
+        if unrouted_sum.numel() != self.hidden_size:
+            raise ValueError(f"hidden has size {hidden.shape[-1]}, records expect {self.hidden_size}")
+        return torch.cat([type_counts.reshape(-1), type_tokens, type_unrouted, unrouted_sum]).reshape(-1)
+
+    @torch.no_grad()
+    def update(self, fired: torch.Tensor, token_type: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Add one forward's routing result (this rank's tokens), reduced over ``group``.
+
+        Args:
+            fired: ``[T, E_max]`` bool, the experts each token fired by its own gate (before any
+                empty-token fallback, so that tokens firing nothing are recorded as such).
+            token_type: ``[T]`` long token types.
+            hidden: ``[T, H]`` the router's input embeddings (only the unrouted ones are summed).
+        """
+        flat = self.local_contribution(fired, token_type, hidden).to(self.total_counts.device)
+        if self.group is not None and dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        self._apply(flat)
+
+    def _apply(self, flat: torch.Tensor) -> None:
+        e, nt, h = self.num_experts, self.num_types, self.hidden_size
+        sizes = [nt * e, nt, nt, h]
+        type_counts, type_tokens, type_unrouted, unrouted_sum = torch.split(flat, sizes)
+        type_counts = type_counts.reshape(nt, e)
+        counts = type_counts.sum(0)
+        unrouted_count = type_unrouted.sum()
+        self.step += 1
+        # A_t EMA from the reduced counts; a type seen for the first time takes its batch rate directly.
+        present = type_tokens > 0
+        rate = (type_counts / type_tokens.clamp(min=1).unsqueeze(1)).to(self.type_rate.dtype)
+        first = present & (self.total_type_tokens == 0)
+        ema = self.rate_decay * self.type_rate + (1.0 - self.rate_decay) * rate
+        new_rate = torch.where(first.unsqueeze(1), rate, ema)
+        self.type_rate.copy_(torch.where(present.unsqueeze(1), new_rate, self.type_rate))
+        self.last_active_step.copy_(torch.where(counts > 0, self.step, self.last_active_step))
+        for prefix in ("total", "window"):
+            getattr(self, f"{prefix}_counts").add_(counts)
+            getattr(self, f"{prefix}_type_counts").add_(type_counts)
+            getattr(self, f"{prefix}_type_tokens").add_(type_tokens)
+            getattr(self, f"{prefix}_type_unrouted").add_(type_unrouted)
+            getattr(self, f"{prefix}_unrouted_sum").add_(unrouted_sum)
+            getattr(self, f"{prefix}_unrouted_count").add_(unrouted_count)
+
+    # ------------------------------------------------------------------ window and expert set
+    @torch.no_grad()
+    def reset_window(self) -> None:
+        """Start a new recording window: zero the ``window_*`` accumulators; totals are kept."""
+        for name in _ACC:
+            getattr(self, f"window_{name}").zero_()
+        self.window_start_step.copy_(self.step)
+
+    @torch.no_grad()
+    def reset_expert(self, e: int) -> None:
+        """Forget expert ``e``'s window history and A_t column (a slot being reused for a new expert).
+
+        ``last_active_step`` is set to the current step so a freshly added expert is not pruned as
+        "never active" before it had a chance to fire. Totals keep the slot's lifetime history.
+        """
+        self.window_counts[e] = 0
+        self.window_type_counts[:, e] = 0
+        self.type_rate[:, e] = 0
+        self.last_active_step[e] = self.step
+
+    # ------------------------------------------------------------------ read-outs
+    def window_rates(self) -> torch.Tensor:
+        """``[E_max]`` activations per token of the current window (activation rate A_e of eq. 8)."""
+        tokens = self.window_type_tokens.sum().clamp(min=1)
+        return self.window_counts / tokens
+
+    def unrouted_mean(self, window: bool = True) -> torch.Tensor:
+        """R_S as a unit vector: the normalised mean embedding of tokens that fired no expert (eq. 7).
+
+        Zero vector if no token went unrouted.
+        """
+        prefix = "window" if window else "total"
+        s = getattr(self, f"{prefix}_unrouted_sum")
+        n = getattr(self, f"{prefix}_unrouted_count")
+        mean = s / n.clamp(min=1)
+        return mean / mean.norm().clamp(min=torch.finfo(mean.dtype).tiny)
+
+    def unrouted_fraction(self, window: bool = True) -> torch.Tensor:
+        """Fraction of tokens (all types) that fired no expert, scalar tensor."""
+        prefix = "window" if window else "total"
+        return getattr(self, f"{prefix}_unrouted_count") / getattr(self, f"{prefix}_type_tokens").sum().clamp(min=1)
