@@ -310,7 +310,7 @@ def write_annotations(cfg: GeneratorConfig, specs: list[VideoSpec]) -> dict[str,
 
 def _inst(s: VideoSpec, task: str, human: str, answer: str, times, scores=None, captions=None) -> dict:
     entry = {
-        "video": s.file,
+        "video": Path(s.file).name,
         "duration": s.duration,
         "task": task,
         "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": answer}],
