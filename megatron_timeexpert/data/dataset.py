@@ -1,0 +1,95 @@
+"""Turn annotation samples into frames: decode each sample's video, check it against its annotation.
+
+:meth:`VTGDataset.get` returns a :class:`FrameSample` (frames, the presentation time of every
+frame, task, text, target events) or None when the video is unusable: missing, zero-byte,
+corrupt, truncated, of an unsupported codec, or shorter than its annotation says. Every None is
+reported to :class:`~.stats.BadInputs` with the video, the annotation line and the reason (or
+raises under the fail policy). Probe results are cached per video, so a bad video shared by many
+samples is opened once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dali_pipes import VideoDecoder, VideoError, VideoInfo
+from megatron_timeexpert.data import stats as S
+from megatron_timeexpert.data.stats import BadInputs
+from megatron_timeexpert.data.types import Event, Task, VTGSample
+
+
+@dataclass
+class FrameSample:
+    """What the model consumes for one sample: frames with their timestamps, task and text."""
+
+    sample: VTGSample
+    """The annotation sample (ids, source line, answer text)."""
+    frames: torch.Tensor
+    """``[N, 3, S, S]`` float frames (or uint8 ``[N, H, W, 3]`` when the decoder has no transform)."""
+    timestamps: torch.Tensor
+    """float64 ``[N]``: presentation time in seconds of each frame."""
+    duration: float
+    """Duration of the decoded video in seconds."""
+    backend: str
+    """Decoder backend that produced the frames."""
+
+    @property
+    def task(self) -> Task:
+        return self.sample.task
+
+    @property
+    def text(self) -> str:
+        return self.sample.query
+
+    @property
+    def events(self) -> tuple[Event, ...]:
+        return self.sample.events
+
+
+class VTGDataset:
+    """Random access to decoded samples; bad videos are skipped-and-counted (None) or raise."""
+
+    def __init__(
+        self, samples: Sequence[VTGSample], decoder: VideoDecoder, bad: BadInputs, time_tolerance: float = 0.5
+    ) -> None:
+        self.samples = list(samples)
+        self.decoder = decoder
+        self.bad = bad
+        self.time_tolerance = time_tolerance
+        self._probed: dict[str, VideoInfo | VideoError] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _info(self, path: str) -> VideoInfo:
+        cached = self._probed.get(path)
+        if cached is None:
+            try:
+                cached = self.decoder.probe(path)
+            except VideoError as exc:
+                cached = exc
+            self._probed[path] = cached
+        if isinstance(cached, VideoError):
+            raise cached
+        return cached
+
+    def get(self, index: int) -> FrameSample | None:
+        """Decode sample ``index``; None (reported) when its video is unusable."""
+        sample = self.samples[index]
+        try:
+            info = self._info(sample.video)
+            claimed = max([sample.duration or 0.0] + [ev.end for ev in sample.events])
+            if claimed > info.duration + self.time_tolerance:
+                self.bad.report(
+                    S.VIDEO_SHORTER, sample.video, "",
+                    f"video lasts {info.duration:.2f}s, annotation {sample.source} needs {claimed:.2f}s",
+                )  # fmt: skip
+                return None
+            clip = self.decoder.read(sample.video, info=info)
+        except VideoError as exc:
+            self.bad.report(exc.reason, exc.path or sample.video, "", f"{exc.detail}; annotation {sample.source}")
+            return None
+        return FrameSample(sample, clip.frames, clip.timestamps, clip.duration, clip.backend)
