@@ -294,3 +294,15 @@ def test_config_validation_names_the_field(field, value):
 def test_topk_larger_than_active_set_is_rejected():
     with pytest.raises(ValueError, match="RouterConfig.topk=3"):
         RouterConfig(router_type="topk", num_experts=4, num_initial_experts=2, topk=3)
+
+
+@pytest.mark.parametrize("router_type", ["timeexpert", "topk"])
+def test_empty_batch_and_bf16_input(router_type):
+    r = RouterConfig(router_type=router_type, num_experts=4).build(8).train()
+    out = r(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long))
+    assert out.probs.shape == (0, 4) and out.routing_map.shape == (0, 4)
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    x, tt = _tokens()
+    ref = r.eval()(x, tt)
+    low = r(x.bfloat16(), tt)
+    assert low.probs.dtype == torch.float32 and low.routing_map.shape == ref.routing_map.shape
