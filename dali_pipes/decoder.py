@@ -91,7 +91,7 @@ class VideoDecoder:
         if b == "pyav" and not pyav_backend.available():
             raise RuntimeError("DecoderConfig.backend='pyav' but PyAV is not installed (pip install av)")
 
-    def backend_for(self, codec: str) -> str:
+    def backend_for(self, codec: str, path: str = "") -> str:
         """The backend that decodes ``codec`` here; decided (and logged) once per codec."""
         if codec in self._chosen:
             return self._chosen[codec]
@@ -101,7 +101,7 @@ class VideoDecoder:
         else:
             why = "forced by DecoderConfig.backend"
             if b.startswith("dali") and codec not in dali_backend.codecs_for(b[5:]):
-                raise errors.VideoError("", errors.UNSUPPORTED_CODEC, f"{b} cannot decode {codec}")
+                raise errors.VideoError(path, errors.UNSUPPORTED_CODEC, f"{b} cannot decode {codec}")
         log.info("decoder backend for %s: %s (%s)", codec, b, why)
         self._chosen[codec] = b
         return b
@@ -132,7 +132,7 @@ class VideoDecoder:
         """Decode the sampled frames of ``path``; ``timestamps`` are the wanted times in ``timestamps`` mode."""
         info = info or self.probe(path)
         indices = select_frames(self.cfg.sampling, info.pts, info.duration, timestamps)
-        backend = self.backend_for(info.codec)
+        backend = self.backend_for(info.codec, info.path)
         if backend.startswith("dali"):
             try:
                 frames, times = self._dali_decoder(backend).decode(info, indices)

@@ -64,6 +64,11 @@ def probe(path: str | Path, supported_codecs: frozenset[str] = SUPPORTED_CODECS)
     try:
         container = av.open(path)
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
+        if _has_container_signature(path):
+            # A valid start but no usable index: an MP4 cut before its moov box, a Matroska cut in its header.
+            raise errors.VideoError(
+                path, errors.TRUNCATED, f"container starts fine but cannot be opened: {exc}"
+            ) from None
         raise errors.VideoError(path, errors.CORRUPT, f"cannot open container: {exc}") from None
     with container:
         if not container.streams.video:
@@ -110,6 +115,13 @@ def probe(path: str | Path, supported_codecs: frozenset[str] = SUPPORTED_CODECS)
             path, errors.TRUNCATED, f"frames cover {duration:.2f}s of the {header:.2f}s in the header"
         )
     return VideoInfo(path, codec, width, height, pts, duration, header)
+
+
+def _has_container_signature(path: str) -> bool:
+    """True if the file begins like an MP4/MOV (``ftyp`` box) or Matroska/WebM (EBML magic)."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+    return head[4:8] == b"ftyp" or head[:4] == b"\x1a\x45\xdf\xa3"
 
 
 def _decoded_pts(path: str) -> np.ndarray:
