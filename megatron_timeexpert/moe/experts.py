@@ -1,0 +1,88 @@
+"""The experts of one EP rank: fixed-shape weights over its physical slots (DESIGN contract 2).
+
+``w1 [slots, H, F]`` (``[slots, H, 2F]`` with a gated linear unit) and ``w2 [slots, F, H]`` hold
+the experts in this rank's ``slots_per_rank`` slots; which logical expert sits in a slot is the
+placement map's business, never assumed here. Shapes never change, so gradient buffers and
+optimizer state keep their shape when experts are added, pruned or migrated.
+
+No communication. Expert tensor parallelism is 1: each expert is whole on one rank. The weights are
+marked ``allreduce = False`` so megatron-core's DistributedDataParallel puts them in its
+expert-parallel buffers and reduces their gradients over the expert-data-parallel group
+(``parallel_state.get_expert_data_parallel_group()``) instead of the full data-parallel group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ExpertsConfig:
+    """Shapes and activation of the experts on one rank."""
+
+    hidden_size: int
+    """H, the model width."""
+    ffn_hidden_size: int
+    """F, each expert's inner width."""
+    slots_per_rank: int
+    """Physical expert slots on this rank."""
+    gated_linear_unit: bool = False
+    """SwiGLU-style ``act(x W_a) * (x W_b)`` when True (w1 is then ``[slots, H, 2F]``)."""
+    activation: Callable[[torch.Tensor], torch.Tensor] = F.gelu
+    """Element-wise activation (megatron's ``config.activation_func``)."""
+    init_std: float = 0.02
+    """Standard deviation of the normal init of w1 and w2."""
+    params_dtype: torch.dtype = torch.float32
+    """dtype of the expert weights."""
+
+
+class SlotExperts(nn.Module):
+    """All experts of one EP rank; computes every local expert each received token fired.
+
+    ``forward(x [N, H], weights [N, slots], mask [N, slots]) -> [N, H]`` returns, per row,
+    ``sum_{s: mask[n, s]} weights[n, s] * expert_s(x[n])``. Every slot runs, also on zero rows, so
+    every weight always gets a (possibly zero) gradient and DDP buckets always complete.
+    """
+
+    def __init__(self, config: ExpertsConfig):
+        super().__init__()
+        self.config = config
+        fc1_out = config.ffn_hidden_size * (2 if config.gated_linear_unit else 1)
+        shape1 = (config.slots_per_rank, config.hidden_size, fc1_out)
+        shape2 = (config.slots_per_rank, config.ffn_hidden_size, config.hidden_size)
+        self.w1 = nn.Parameter(torch.empty(shape1, dtype=config.params_dtype))
+        self.w2 = nn.Parameter(torch.empty(shape2, dtype=config.params_dtype))
+        for p in (self.w1, self.w2):
+            p.allreduce = False  # megatron DDP: reduce over the expert-data-parallel group
+
+    @torch.no_grad()
+    def init_slot(self, slot: int, seed: int) -> None:
+        """(Re)initialise one slot from its own generator, so init does not depend on the layout."""
+        gen = torch.Generator().manual_seed(seed)
+        for p in (self.w1, self.w2):
+            p[slot].copy_(torch.randn(p.shape[1:], generator=gen, dtype=torch.float32) * self.config.init_std)
+
+    def expert(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert's MLP on rows ``x [n, H]``."""
+        h = x @ self.w1[slot]
+        if self.config.gated_linear_unit:
+            a, b = h.chunk(2, dim=-1)
+            h = self.config.activation(a) * b
+        else:
+            h = self.config.activation(h)
+        return h @ self.w2[slot]
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        slot_of, row_of = mask.t().nonzero(as_tuple=True)  # grouped by slot, rows ascending
+        counts = mask.sum(dim=0).tolist()
+        out = x.new_zeros(x.shape)
+        for slot, rows in enumerate(row_of.split(counts)):
+            y = self.expert(slot, x.index_select(0, rows))
+            w = weights.index_select(0, rows)[:, slot : slot + 1].to(y.dtype)
+            out = out.index_add(0, rows, y * w)
+        return out
