@@ -90,6 +90,7 @@ class VTGDataset:
                 return None
             clip = self.decoder.read(sample.video, info=info)
         except VideoError as exc:
-            self.bad.report(exc.reason, exc.path or sample.video, "", f"{exc.detail}; annotation {sample.source}")
+            detail = "; ".join(x for x in (exc.detail, f"annotation {sample.source}") if x)
+            self.bad.report(exc.reason, exc.path or sample.video, "", detail)
             return None
         return FrameSample(sample, clip.frames, clip.timestamps, clip.duration, clip.backend)
