@@ -136,11 +136,13 @@ def plan_video(cfg: GeneratorConfig, index: int) -> VideoSpec:
     spec = VideoSpec(vid, f"videos/{vid}.{CODECS[codec][1]}", codec, cfg.fps, num_frames, duration)
     colours = rng.sample(sorted(COLOURS), k=len(COLOURS))
     last_t = duration - 1.0 / cfg.fps  # time of the last frame
-    t = rng.choice([0.0, 0.5, 1.0])
+    t = rng.choice([0.0, 0.5])
     for k in range(rng.randint(1, cfg.max_events)):
         length = rng.choice([1.0, 1.5, 2.0, 2.5, 3.0, 4.0])
         if t + length > last_t:
-            break
+            if spec.events:
+                break
+            length = math.floor((last_t - t) * 2) / 2  # every video gets at least one event (>= 1 s)
         shape, action = rng.choice(SHAPES), rng.choice(ACTIONS)
         to_shape = rng.choice([s for s in SHAPES if s != shape]) if action == "changes" else ""
         colour = colours[k]
