@@ -203,7 +203,7 @@ def encode_video(cfg: GeneratorConfig, spec: VideoSpec) -> Path:
     path = cfg.out / spec.file
     path.parent.mkdir(parents=True, exist_ok=True)
     encoder = CODECS[spec.codec][0]
-    with av.open(str(path), "w") as container:
+    with av.open(str(path), "w", options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream(encoder, rate=cfg.fps)
         stream.width, stream.height, stream.pix_fmt = cfg.width, cfg.height, "yuv420p"
         stream.codec_context.thread_count = 1
