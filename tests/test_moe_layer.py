@@ -36,7 +36,15 @@ def _config(tp: int):
     )
 
 
-def _problem(dp: int, scenario: str, ep: int, seed: int = 0):
+def _router_config(kind: str):
+    """The production routers with loss coefficients 0: their losses are means over the local tokens,
+    so only with zero coefficients do the sharded gradients equal the single-process ones."""
+    from megatron_timeexpert.moe.router import RouterConfig
+
+    return RouterConfig(router_type=kind, num_experts=E, aux_loss_coeff=0.0, expert_norm_coeff=0.0, z_loss_coeff=0.0)
+
+
+def _problem(dp: int, scenario: str, ep: int, seed: int = 0, router_kind: str = "tiny"):
     """Global inputs (identical on every rank): tokens, types, output-gradient weights, experts, map."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(S, dp * B, H, generator=g, dtype=torch.float64)
@@ -46,7 +54,7 @@ def _problem(dp: int, scenario: str, ep: int, seed: int = 0):
     w2 = torch.randn(E, F, H, generator=g, dtype=torch.float64) * 0.3
     perm = torch.randperm(E, generator=g)  # non-contiguous placement: nobody may assume p == e
     torch.manual_seed(seed)
-    router = TinyRouter(H, E).double()
+    router = TinyRouter(H, E).double() if router_kind == "tiny" else _router_config(router_kind).build(H)
     if scenario == "hot":
         # Only the experts placed on EP rank 0 may fire, and one of them fires for every token:
         # one expert receives every token; with EP > 1 the other ranks receive nothing.
@@ -63,7 +71,29 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() if a.numel() else 0.0
 
 
-def _layer_vs_reference(tp: int, ep: int, scenario: str) -> dict:
+def _build_layer(tp: int, router: torch.nn.Module, router_kind: str, groups: dict) -> TimeExpertMoELayer:
+    """The layer under test: built directly with our tiny router, or through the megatron spec (the
+    way TransformerLayer builds it) with a production router carrying the reference router's weights."""
+    if router_kind == "tiny":
+        moe = MoELayerConfig(num_experts=E, reduce_metrics=False)
+        return TimeExpertMoELayer(_config(tp), copy.deepcopy(router), moe, **groups).double()
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_timeexpert.moe.spec import get_timeexpert_moe_spec
+
+    layer = build_module(get_timeexpert_moe_spec(_router_config(router_kind), reduce_metrics=False), config=_config(tp))
+    layer.router.load_state_dict(router.state_dict())
+    for p in layer.experts.parameters():
+        assert p.allreduce is False
+    for p in layer.router.parameters():
+        assert getattr(p, "sequence_parallel", False) is (tp > 1)
+    # Only the experts go to float64: RoutingRecords defines its own ``_apply`` (shadowing
+    # nn.Module._apply), so ``.double()`` / ``.to()`` on a production router raises.
+    layer.experts.double()
+    return layer
+
+
+def _layer_vs_reference(tp: int, ep: int, scenario: str, router_kind: str = "tiny") -> dict:
     """One layout on the current ranks: errors vs the reference, byte counts, metrics."""
     from megatron.core import parallel_state as ps
 
@@ -83,7 +113,7 @@ def _layer_vs_reference(tp: int, ep: int, scenario: str) -> dict:
     else:
         groups, dp_rank, tp_rank, edp_group = {}, 0, 0, None
     try:
-        x, tt, gout, w1, w2, perm, router = _problem(dp, scenario, ep)
+        x, tt, gout, w1, w2, perm, router = _problem(dp, scenario, ep, router_kind=router_kind)
 
         # Reference over ALL tokens of all ranks.
         ref_router = copy.deepcopy(router)
@@ -93,9 +123,7 @@ def _layer_vs_reference(tp: int, ep: int, scenario: str) -> dict:
         loss_ref.backward()
 
         # The layer on this rank's shard: DP slice of the batch, TP chunk of the sequence.
-        layer = TimeExpertMoELayer(
-            _config(tp), copy.deepcopy(router), MoELayerConfig(num_experts=E, reduce_metrics=False), **groups
-        ).double()
+        layer = _build_layer(tp, router, router_kind, groups)
         layer.placement.set_map(perm)
         local = layer.placement.local_experts(layer.ep_rank)
         with torch.no_grad():
@@ -111,16 +139,17 @@ def _layer_vs_reference(tp: int, ep: int, scenario: str) -> dict:
         metrics = layer.pop_metrics()
 
         y_ref3 = y_ref.detach().view(S, dp * B, H)
-        gate_grad = layer.router.gate.grad.clone()
+        router_grads = torch.cat([p.grad.flatten() for p in layer.router.parameters()])
+        ref_router_grads = torch.cat([p.grad.flatten() for p in ref_router.parameters()])
         w1g, w2g = layer.experts.w1.grad.clone(), layer.experts.w2.grad.clone()
         if dist.is_initialized():
-            dist.all_reduce(gate_grad)  # what DDP (+ the TP all-reduce of sequence_parallel params) sums
+            dist.all_reduce(router_grads)  # what DDP (+ the TP all-reduce of sequence_parallel params) sums
             dist.all_reduce(w1g, group=edp_group)  # DDP over the expert-data-parallel group
             dist.all_reduce(w2g, group=edp_group)
         errs = {
             "out": _max_err(out.detach(), y_ref3[seq, bat]),
             "dx": _max_err(x_loc.grad, x_ref.grad[seq, bat]),
-            "router": _max_err(gate_grad, ref_router.gate.grad),
+            "router": _max_err(router_grads, ref_router_grads),
             "w1": max(_max_err(w1g[s], w1_ref.grad[e]) for s, e in enumerate(local)),
             "w2": max(_max_err(w2g[s], w2_ref.grad[e]) for s, e in enumerate(local)),
         }
@@ -144,8 +173,8 @@ def _layer_vs_reference(tp: int, ep: int, scenario: str) -> dict:
             "ep_rank": layer.ep_rank,
             "tokens_per_expert": [reduced[f"tokens_per_expert/{e}"] for e in range(E)],
             "ref_tokens_per_expert": r_ref.routing_map.sum(0).tolist(),
-            "loss_z": reduced["loss/z"],
-            "ref_loss_z": r_ref.losses["z"].item() / world,
+            "loss_z": reduced["loss/z"] if router_kind == "tiny" else 0.0,
+            "ref_loss_z": r_ref.losses["z"].item() / world if router_kind == "tiny" else 0.0,
             "k_mean": reduced["experts_per_token/ALL"],
             "ref_k_mean": r_ref.routing_map.sum(1).double().mean().item(),
         }
@@ -156,10 +185,15 @@ def _layer_vs_reference(tp: int, ep: int, scenario: str) -> dict:
 
 LAYOUTS = {2: [(1, 2), (2, 1)], 4: [(1, 4), (2, 2), (2, 4)]}
 SCENARIOS = ["mixed", "hot"]
+# The production routers (megatron_timeexpert/moe/router.py), built through the megatron spec.
+PRODUCTION = {2: [(1, 2, "timeexpert")], 4: [(2, 2, "timeexpert"), (2, 4, "topk")]}
 
 
 def _all_layouts(world: int) -> dict:
-    return {(tp, ep, sc): _layer_vs_reference(tp, ep, sc) for tp, ep in LAYOUTS[world] for sc in SCENARIOS}
+    out = {(tp, ep, sc): _layer_vs_reference(tp, ep, sc) for tp, ep in LAYOUTS[world] for sc in SCENARIOS}
+    for tp, ep, kind in PRODUCTION[world]:
+        out[(tp, ep, kind)] = _layer_vs_reference(tp, ep, "mixed", router_kind=kind)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +204,17 @@ def results() -> dict:
         for key in per_rank[0]:
             out[key] = [r[key] for r in per_rank]
     return out
+
+
+@pytest.mark.parametrize("tp,ep,kind", [case for world in PRODUCTION for case in PRODUCTION[world]])
+def test_production_router_through_spec_matches_reference(results, tp, ep, kind):
+    # Production routers compute in float32, so the tolerance is float32's.
+    for rank, r in enumerate(results[(tp, ep, kind)]):
+        assert r["bias"] is None
+        for name, err in r["errs"].items():
+            assert err < 1e-5, f"rank {rank}: {name} differs from the reference by {err}"
+        assert r["bytes"]["dispatch_sent"] == r["lower_bound"]
+    assert sum(r["lower_bound"] for r in results[(tp, ep, kind)]) > 0
 
 
 CASES = [(1, 1)] + [layout for world in LAYOUTS for layout in LAYOUTS[world]]

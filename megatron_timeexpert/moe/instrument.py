@@ -14,7 +14,9 @@ Cheap when nobody reads them: counters stay tensors on the layer's device (no ho
 the only host work per forward is adding a few Python ints. :meth:`MoEInstrument.pop` turns them into
 floats, averaged over the forwards since the last pop and, when a group is given, over the ranks of
 that group with ONE ``all_reduce(SUM)`` of a flat float64 vector (every rank of the group must call
-pop together, and its router must report the same loss and metric names on every rank).
+pop together, and its router must report the same LOSS names on every rank). The router's own
+``metrics`` are averaged over this rank's forwards only (their names may differ between ranks, e.g.
+per-type entries for types a rank did not see), so they never enter the reduction.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class MoEInstrument:
         self.times: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self._pending_events: list[tuple[str, object, object]] = []
         self.losses: dict[str, torch.Tensor] = {}
-        self.router_metrics: dict[str, float] = {}
+        self.router_metrics: dict[str, tuple[float, int]] = {}  # name -> (sum, forwards that reported it)
 
     @contextlib.contextmanager
     def phase(self, phase: str) -> Iterator[None]:
@@ -103,12 +105,13 @@ class MoEInstrument:
             v = value.detach().to(torch.float64)
             self.losses[key] = self.losses[key] + v if key in self.losses else v
         for key, value in metrics.items():
-            self.router_metrics[key] = self.router_metrics.get(key, 0.0) + float(value)
+            total, n = self.router_metrics.get(key, (0.0, 0))
+            self.router_metrics[key] = (total + float(value), n + 1)
 
     def pop(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
         """Averages since the last pop (over forwards, and over ``group``'s ranks when given); resets.
 
-        Keys: ``loss/<name>``, ``router/<name>``, ``experts_per_token/<TYPE>`` and ``/ALL`` (mean k),
+        Keys: ``loss/<name>``, ``router/<name>`` (local), ``experts_per_token/<TYPE>`` and ``/ALL`` (mean k),
         ``k_frac/<TYPE>/<k>`` (fraction of that type's tokens firing k experts; only nonzero
         entries), ``tokens_per_expert/<e>`` (per forward, summed over the group's ranks),
         ``bytes/<field>`` and ``time_ms/<phase>`` (per forward and rank), ``forwards``.
@@ -122,7 +125,6 @@ class MoEInstrument:
         tpe = self.tokens_per_expert if self.tokens_per_expert is not None else torch.zeros(self.num_experts)
         hist = self.k_hist if self.k_hist is not None else torch.zeros(NUM_TOKEN_TYPES, e1)
         scalars = [self.forwards, *(self.bytes[k] for k in BYTE_FIELDS), *(self.times[p] for p in PHASES)]
-        scalars += [float(self.router_metrics[k]) for k in metric_keys]
         parts = [
             torch.tensor(scalars, dtype=torch.float64),
             torch.stack([self.losses[k].cpu().reshape(()) for k in loss_keys]) if loss_keys else torch.zeros(0),
@@ -143,8 +145,9 @@ class MoEInstrument:
             out[f"bytes/{k}"] = scal[1 + i].item() / fw
         for i, p in enumerate(PHASES):
             out[f"time_ms/{p}"] = scal[1 + len(BYTE_FIELDS) + i].item() / fw
-        for i, k in enumerate(metric_keys):
-            out[f"router/{k}"] = scal[1 + len(BYTE_FIELDS) + len(PHASES) + i].item() / fw
+        for k in metric_keys:
+            total, n = self.router_metrics[k]
+            out[f"router/{k}"] = total / n
         for i, k in enumerate(loss_keys):
             out[f"loss/{k}"] = loss_v[i].item() / fw
         for e in range(self.num_experts):
