@@ -45,6 +45,8 @@ class DecoderConfig:
     """CUDA device for ``dali-mixed``."""
     threads: int = 1
     """Decoder threads per video (PyAV) or per pipeline (DALI)."""
+    seek_threshold_s: float = 2.0
+    """PyAV seeks (to the keyframe before) when the next wanted frame is further ahead than this."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -139,7 +141,9 @@ class VideoDecoder:
                 return self._clip(info, frames, times, backend)
             except errors.VideoError as exc:
                 log.warning("%s failed on %s (%s); retrying with pyav", backend, path, exc.detail)
-        frames_np, times = pyav_backend.decode_frames(info, indices, threads=self.cfg.threads)
+        frames_np, times = pyav_backend.decode_frames(
+            info, indices, threads=self.cfg.threads, seek_threshold_s=self.cfg.seek_threshold_s
+        )
         frames = apply_transform(frames_np, self.cfg.transform) if self.cfg.transform else torch.from_numpy(frames_np)
         return self._clip(info, frames, times, "pyav")
 

@@ -1,7 +1,10 @@
 """The CPU fallback decoder: PyAV (FFmpeg's libavcodec), for every codec, H.264 included.
 
-Decodes the frames of one video in presentation order and keeps the requested ones, each with the
-presentation time the decoder reports for it.
+Decodes the requested frames of one video, each with the presentation time the decoder reports
+for it. Frames are identified by their presentation time (matched to ``VideoInfo.pts``), not by
+counting, so seeking is safe: when the next wanted frame lies more than ``seek_threshold_s``
+ahead of the decoder's position, the decoder seeks to the keyframe before it instead of decoding
+everything in between (long videos, few frames).
 """
 
 from __future__ import annotations
@@ -23,34 +26,57 @@ def available() -> bool:
     return True
 
 
-def decode_frames(info: VideoInfo, indices: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def decode_frames(
+    info: VideoInfo, indices: np.ndarray, threads: int = 1, seek_threshold_s: float = 2.0
+) -> tuple[np.ndarray, np.ndarray]:
     """uint8 ``[len(indices), H, W, 3]`` RGB frames and their presentation times (seconds).
 
     ``indices`` index ``info.pts`` (presentation order) and may repeat or come unsorted.
     """
     import av
 
-    wanted = np.unique(indices)
-    last = int(wanted[-1])
+    wanted = [int(k) for k in np.unique(indices)]
     got: dict[int, tuple[np.ndarray, float]] = {}
-    i = 0
+    pts = info.pts
+    tol = 0.5 * float(np.min(np.diff(pts))) if len(pts) > 1 else 1e-3
     try:
         with av.open(info.path) as container:
             stream = container.streams.video[0]
             stream.codec_context.thread_count = threads
-            start = stream.start_time or 0
-            want = set(wanted.tolist())
-            for frame in container.decode(stream):
-                if i in want:
-                    t = float((frame.pts - start) * stream.time_base) if frame.pts is not None else float(info.pts[i])
-                    got[i] = (frame.to_ndarray(format="rgb24"), t)
-                i += 1
-                if i > last:
-                    break
+            start, tb = stream.start_time or 0, stream.time_base
+            frames = container.decode(stream)
+            position = -np.inf  # presentation time of the last decoded frame
+            may_seek = True
+            for target in wanted:
+                if target in got:
+                    continue
+                t_target = float(pts[target])
+                if may_seek and t_target - position > seek_threshold_s and t_target > seek_threshold_s:
+                    container.seek(int(round(t_target / tb)) + start, stream=stream, backward=True, any_frame=False)
+                    frames = container.decode(stream)
+                    position = -np.inf
+                for frame in frames:
+                    t = float((frame.pts - start) * tb) if frame.pts is not None else position + tol
+                    if position == -np.inf and t > t_target + tol:
+                        # The seek overshot (no usable index): decode this file from the start instead.
+                        may_seek = False
+                        container.seek(0, stream=stream, backward=True)
+                        frames = container.decode(stream)
+                        position = -np.inf
+                        continue
+                    position = t
+                    k = int(np.clip(np.searchsorted(pts, t - tol), 0, len(pts) - 1))
+                    if abs(pts[k] - t) <= tol and k in wanted and k not in got:
+                        got[k] = (frame.to_ndarray(format="rgb24"), t)
+                    if t >= t_target - tol:
+                        break
     except av.error.FFmpegError as exc:
-        raise errors.VideoError(info.path, errors.TRUNCATED, f"decode error at frame {i}: {exc}") from None
-    if i <= last:
-        raise errors.VideoError(info.path, errors.TRUNCATED, f"decoded {i} frames, needed frame {last}")
-    frames = np.stack([got[int(k)][0] for k in indices])
+        raise errors.VideoError(info.path, errors.TRUNCATED, f"decode error near {position:.2f}s: {exc}") from None
+    missing = [k for k in wanted if k not in got]
+    if missing:
+        raise errors.VideoError(
+            info.path, errors.TRUNCATED, f"{len(missing)} frames never decoded (first at {pts[missing[0]]:.3f}s)"
+        )
+    frames_out = np.stack([got[int(k)][0] for k in indices])
     times = np.asarray([got[int(k)][1] for k in indices], dtype=np.float64)
-    return frames, times
+    return frames_out, times

