@@ -78,11 +78,11 @@ class SlotExperts(nn.Module):
         return h @ self.w2[slot]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # One gather of all (row, slot) pairs in slot order, one GEMM pair per slot on its contiguous
+        # chunk, one weighted scatter-add back to rows (no per-slot copies of the output).
         slot_of, row_of = mask.t().nonzero(as_tuple=True)  # grouped by slot, rows ascending
         counts = mask.sum(dim=0).tolist()
-        out = x.new_zeros(x.shape)
-        for slot, rows in enumerate(row_of.split(counts)):
-            y = self.expert(slot, x.index_select(0, rows))
-            w = weights.index_select(0, rows)[:, slot : slot + 1].to(y.dtype)
-            out = out.index_add(0, rows, y * w)
-        return out
+        xs = x.index_select(0, row_of).split(counts)
+        y = torch.cat([self.expert(slot, chunk) for slot, chunk in enumerate(xs)])
+        w = weights[row_of, slot_of].to(y.dtype).unsqueeze(1)
+        return x.new_zeros(x.shape).index_add(0, row_of, y * w)
