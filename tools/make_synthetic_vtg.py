@@ -28,26 +28,30 @@ import json
 import logging
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 200, 40),
-    "blue": (30, 60, 230),
-    "yellow": (235, 220, 40),
-    "magenta": (220, 40, 220),
-    "cyan": (40, 215, 225),
-}
+COLOURS: Mapping[str, tuple[int, int, int]] = MappingProxyType(
+    {
+        "red": (220, 30, 30),
+        "green": (30, 200, 40),
+        "blue": (30, 60, 230),
+        "yellow": (235, 220, 40),
+        "magenta": (220, 40, 220),
+        "cyan": (40, 215, 225),
+    }
+)
 SHAPES = ("square", "circle", "triangle")
 ACTIONS = ("appears", "moves", "changes")
 BACKGROUND = (110, 110, 110)
-CODECS = {"h264": ("libx264", "mp4"), "vp9": ("libvpx-vp9", "webm")}
+CODECS = MappingProxyType({"h264": ("libx264", "mp4"), "vp9": ("libvpx-vp9", "webm")})
 
 
 @dataclass
@@ -324,13 +328,15 @@ def _inst(s: VideoSpec, task: str, human: str, answer: str, times, scores=None, 
     return entry
 
 
-_FILES = {
-    "charades_sta": "charades_sta.txt",
-    "qvhighlights": "qvhighlights.jsonl",
-    "youcook2": "youcook2.json",
-    "activitynet": "activitynet_captions.json",
-    "instruction": "instruction.json",
-}
+_FILES = MappingProxyType(
+    {
+        "charades_sta": "charades_sta.txt",
+        "qvhighlights": "qvhighlights.jsonl",
+        "youcook2": "youcook2.json",
+        "activitynet": "activitynet_captions.json",
+        "instruction": "instruction.json",
+    }
+)
 
 
 def generate(cfg: GeneratorConfig) -> dict[str, Path]:

@@ -26,6 +26,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from megatron_timeexpert.data import stats as S
@@ -415,13 +416,15 @@ def read_instruction(path: str | Path, cfg: ReaderConfig, bad: BadInputs) -> lis
     return _finish(out, path, bad)
 
 
-READERS = {
-    "charades_sta": read_charades_sta,
-    "qvhighlights": read_qvhighlights,
-    "youcook2": read_youcook2,
-    "activitynet": read_activitynet,
-    "instruction": read_instruction,
-}
+READERS = MappingProxyType(
+    {
+        "charades_sta": read_charades_sta,
+        "qvhighlights": read_qvhighlights,
+        "youcook2": read_youcook2,
+        "activitynet": read_activitynet,
+        "instruction": read_instruction,
+    }
+)
 
 
 def read_annotations(fmt: str, path: str | Path, cfg: ReaderConfig, bad: BadInputs) -> list[VTGSample]:
