@@ -17,7 +17,7 @@ from megatron_timeexpert.data.dataset import VTGDataset
 from megatron_timeexpert.data.loader import LoaderConfig, VTGLoader
 from megatron_timeexpert.data.stats import BadInputs
 from megatron_timeexpert.data.types import Task
-from tools.make_synthetic_vtg import COLOURS, GeneratorConfig, generate, main
+from tools.make_synthetic_vtg import COLOURS, Event, GeneratorConfig, VideoSpec, generate, main, render_frame
 
 FILES = {
     "charades_sta": "charades_sta.txt",
@@ -62,6 +62,31 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
     a, b, c = make("a", 1), make("b", 1), make("c", 2)
     assert a == b and len(a) == 8  # 2 videos + 5 annotation files + events.json
     assert a["events.json"] != c["events.json"]
+    generate(GeneratorConfig(tmp_path / "d", 2, seed=1, width=64, height=48, min_duration=3, max_duration=4,
+                             progress=False, workers=2))  # fmt: skip
+    assert _digest(tmp_path / "d") == a  # parallel encoding writes the same bytes
+
+
+def _spec(action: str, shape: str = "square", to_shape: str = "") -> VideoSpec:
+    ev = Event(1.0, 3.0, "red", shape, action, "", 10, 30, lane=0, to_shape=to_shape, rgb=COLOURS["red"])
+    return VideoSpec("v", "videos/v.mp4", "h264", 10, 40, 4.0, [ev])
+
+
+def _red(frame: np.ndarray) -> np.ndarray:
+    return np.all(frame == np.asarray(COLOURS["red"], dtype=np.uint8), axis=-1)
+
+
+def test_rendered_events_appear_move_and_change_as_captioned():
+    cfg = GeneratorConfig("unused", width=64, height=48, progress=False)
+    static = _spec("appears")
+    assert not _red(render_frame(cfg, static, 9)).any() and not _red(render_frame(cfg, static, 31)).any()
+    assert np.array_equal(_red(render_frame(cfg, static, 10)), _red(render_frame(cfg, static, 30)))
+    moving = _spec("moves")
+    xs = [np.nonzero(_red(render_frame(cfg, moving, k)))[1].mean() for k in range(10, 31)]
+    assert all(b > a for a, b in zip(xs, xs[1:])) and xs[-1] - xs[0] > 30  # left to right
+    change = _spec("changes", "square", "circle")
+    area = [int(_red(render_frame(cfg, change, k)).sum()) for k in (10, 19, 20, 30)]
+    assert area[0] == area[1] > area[2] == area[3]  # the square becomes a (smaller) circle half-way
 
 
 def test_every_reader_reads_the_generated_annotations_cleanly(synth):

@@ -2,7 +2,7 @@
 
 Run::
 
-    python -m tools.make_synthetic_vtg --out DIR --num-videos N --seed S [--width 128 --height 96 --fps 10]
+    python -m tools.make_synthetic_vtg --out DIR --num-videos N --seed S [--width 128 --height 96 --fps 10 --workers 4]
 
 Each video (H.264 ``.mp4`` and VP9 ``.webm``, alternating; encoded with PyAV, no ffmpeg binary
 needed) shows a grey background on which coloured shapes appear, move, or change shape during
@@ -29,6 +29,7 @@ import logging
 import math
 import random
 from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -80,6 +81,8 @@ class GeneratorConfig:
     """Codecs used in turn: ``h264`` (.mp4) and/or ``vp9`` (.webm)."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    workers: int = 1
+    """Encoding processes (each video has its own seed, so the output does not depend on this)."""
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -343,8 +346,16 @@ def generate(cfg: GeneratorConfig) -> dict[str, Path]:
     """Write all videos and annotation files; returns {format: annotation path}."""
     cfg.out.mkdir(parents=True, exist_ok=True)
     specs = [plan_video(cfg, i) for i in range(cfg.num_videos)]
-    for spec in tqdm(specs, desc="encoding videos", unit="video", disable=not cfg.progress):
-        encode_video(cfg, spec)
+    bar = tqdm(total=len(specs), desc="encoding videos", unit="video", disable=not cfg.progress)
+    if cfg.workers > 1:
+        with ProcessPoolExecutor(cfg.workers) as pool:
+            for _ in pool.map(encode_video, [cfg] * len(specs), specs, chunksize=4):
+                bar.update()
+    else:
+        for spec in specs:
+            encode_video(cfg, spec)
+            bar.update()
+    bar.close()
     paths = write_annotations(cfg, specs)
     log.info("wrote %d videos and %d annotation files under %s", len(specs), len(paths), cfg.out)
     return paths
@@ -361,11 +372,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-duration", type=float, default=8.0)
     p.add_argument("--max-duration", type=float, default=16.0)
     p.add_argument("--codecs", default="h264,vp9", help="comma-separated: h264, vp9")
+    p.add_argument("--workers", type=int, default=1, help="encoding processes")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = GeneratorConfig(
         a.out, a.num_videos, a.seed, a.width, a.height, a.fps, a.min_duration, a.max_duration,
-        codecs=tuple(c.strip() for c in a.codecs.split(",") if c.strip()),
+        codecs=tuple(c.strip() for c in a.codecs.split(",") if c.strip()), workers=a.workers,
     )  # fmt: skip
     generate(cfg)
 
