@@ -12,7 +12,7 @@ from pathlib import Path
 MISSING = "missing_file"
 #: The file exists but has zero bytes.
 EMPTY = "empty_file"
-#: The container cannot be opened or parsed (garbage bytes, a cut-off header or index).
+#: The container cannot be opened or parsed (garbage bytes), or the decoder rejects a packet mid-stream.
 CORRUPT = "corrupt_file"
 #: The container opens but its stream ends early: fewer frames than its header promises, or a read error mid-way.
 TRUNCATED = "truncated_file"

@@ -71,7 +71,8 @@ def decode_frames(
                     if t >= t_target - tol:
                         break
     except av.error.FFmpegError as exc:
-        raise errors.VideoError(info.path, errors.TRUNCATED, f"decode error near {position:.2f}s: {exc}") from None
+        where = f"after {position:.2f}s" if np.isfinite(position) else "at the start or right after a seek"
+        raise errors.VideoError(info.path, errors.CORRUPT, f"decode error {where}: {exc}") from None
     missing = [k for k in wanted if k not in got]
     if missing:
         raise errors.VideoError(

@@ -91,6 +91,26 @@ def test_probe_names_the_reason(corpus, name, reason):
     assert str(path) in str(info.value)
 
 
+def test_corrupt_packets_mid_stream_are_reported_by_the_pyav_path(corpus, tmp_path):
+    out, truth, _ = corpus
+    src = next(out / t["file"] for t in truth if t["codec"] == "h264")
+    data = bytearray(src.read_bytes())
+    mdat, moov = data.index(b"mdat"), data.index(b"moov")
+    assert mdat < moov  # frames first, index after (the muxer's default)
+    at = (mdat + moov) // 2
+    data[at : at + 300] = bytes(300)  # zeros over compressed frames; the container index stays intact
+    bad_mp4 = tmp_path / "corrupt_mid.mp4"
+    bad_mp4.write_bytes(bytes(data))
+    info = probe(bad_mp4)  # the container itself is fine...
+    assert info.num_frames > 0
+    dec = VideoDecoder(
+        DecoderConfig(backend="pyav", sampling=SamplingConfig("fps", fps=10, num_frames=0), transform=None)
+    )
+    with pytest.raises(VideoError) as err:  # ...but decoding it is not
+        dec.read(str(bad_mp4))
+    assert err.value.reason == "corrupt_file" and "decode error" in err.value.detail
+
+
 def _samples(out: Path, truth: list, bad_files: dict) -> tuple[list[VTGSample], list[str]]:
     """One moment sample per good event, a sample per bad file, and one annotation longer than its video."""
     good, samples = [], []
