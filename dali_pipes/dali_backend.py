@@ -74,7 +74,8 @@ class DaliDecoder:
         def pipe():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             frames_idx = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
-            video = fn.decoders.video(encoded, device=self.device, frames=frames_idx)
+            # pad_mode="none": an index past the end is an error, never a silently black frame.
+            video = fn.decoders.video(encoded, device=self.device, frames=frames_idx, pad_mode="none")
             if t is None:
                 return video
             video = fn.resize(video, resize_shorter=t.size, antialias=True)
@@ -101,14 +102,16 @@ class DaliDecoder:
             (out,) = pipe.run()
         except RuntimeError as exc:
             self._local.pipe = None  # a failed pipeline is not reused
-            raise errors.VideoError(info.path, errors.CORRUPT, f"{self.name}: {str(exc).splitlines()[0]}") from None
+            raise errors.VideoError(
+                info.path, errors.CORRUPT, f"{self.name}: {' '.join(str(exc).split())[:300]}"
+            ) from None
         if self.device == "mixed":
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
             tensor = out.as_tensor()
             dtype = torch.uint8 if self.transform is None else torch.float32
             frames = torch.empty(tensor.shape()[1:], dtype=dtype, device=f"cuda:{self.device_id}")
-            feed_ndarray(out[0], frames)
+            feed_ndarray(out[0], frames, cuda_stream=torch.cuda.current_stream(self.device_id))
         else:
             frames = torch.from_numpy(np.array(out.at(0)))
         return frames, info.pts[np.asarray(indices)]

@@ -199,3 +199,16 @@ def test_dali_mixed_nvdec_decodes_h264_and_vp9(synth):
     auto = VideoDecoder(DecoderConfig(sampling=SamplingConfig(num_frames=4), transform=TransformConfig(size=32)))
     clip = auto.read(str(out / truth[0]["file"]))
     assert clip.backend == "dali-mixed" and clip.frames.shape == (4, 3, 32, 32)
+
+
+@needs_dali
+def test_dali_index_past_the_end_is_an_error_not_a_black_frame(synth):
+    from dali_pipes.dali_backend import DaliDecoder
+
+    out, truth = synth
+    vp9 = next(v for v in truth if v["codec"] == "vp9")
+    info = probe(out / vp9["file"])
+    frames, times = DaliDecoder("cpu", None).decode(info, np.array([0, info.num_frames - 1]))
+    assert frames.shape[0] == 2 and times[-1] == info.pts[-1]
+    with pytest.raises(VideoError, match="corrupt_file.*dali-cpu"):
+        DaliDecoder("cpu", None).decode(info, np.array([0, info.num_frames + 3]))
