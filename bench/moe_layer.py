@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-IMPLS = ("ours", "mcore_allgather", "mcore_alltoall")
+IMPLS = ("ours", "ours_records", "mcore_allgather", "mcore_alltoall")
 
 
 @dataclass
@@ -80,11 +80,14 @@ def _build(impl: str, a: BenchArgs, ep: int):
     common = dict(
         num_layers=1, hidden_size=a.hidden, num_attention_heads=2, ffn_hidden_size=a.ffn, use_cpu_initialization=True
     )
-    if impl == "ours":
+    if impl.startswith("ours"):
         from megatron_timeexpert.moe.router import RouterConfig
         from megatron_timeexpert.moe.spec import get_timeexpert_moe_spec
 
-        router = RouterConfig(router_type="topk", num_experts=a.experts, topk=a.topk)
+        # The top-k router does not route with its records; like megatron's router it need not reduce
+        # them ("ours"). "ours_records" keeps the per-forward records all_reduce the TimeExpert router needs.
+        records = impl == "ours_records"
+        router = RouterConfig(router_type="topk", num_experts=a.experts, topk=a.topk, record_routing=records)
         return build_module(get_timeexpert_moe_spec(router, reduce_metrics=False), config=TransformerConfig(**common))
     cfg = TransformerConfig(
         **common,
@@ -174,7 +177,9 @@ def report(a: BenchArgs, results: dict[int, list[dict]], command: str) -> str:
         f"Command: `{command}`",
         "",
         f"Per rank: {a.tokens} tokens, H={a.hidden}, expert FFN={a.ffn} (gelu), E={a.experts}, top-{a.topk} softmax "
-        "routers on both sides (equal mean experts per token), fp32, gloo, one process per EP rank. Time: forward + "
+        "routers on both sides (equal mean experts per token). `ours`: `record_routing=False` (the top-k router does "
+        "not route with its records); `ours_records`: plus the router's per-forward all_reduce of routing records "
+        "(what the TimeExpert router needs). fp32, gloo, one process per EP rank. Time: forward + "
         f"backward of one layer, slowest rank, median of {a.iters}. Bytes: sent to other ranks per rank and step "
         "(forward + backward, every collective the layer calls, from the torch profiler).",
         "",
