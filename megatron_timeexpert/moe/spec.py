@@ -58,6 +58,9 @@ class TimeExpertMoEMLP(TimeExpertMoELayer):
     def __init__(self, config, router, moe: MoELayerConfig, **kwargs):
         if ps.get_expert_tensor_parallel_world_size() != 1:
             raise ValueError("TimeExpertMoEMLP keeps each expert whole on one rank: use expert_tensor_parallel_size=1")
+        if ps.get_context_parallel_world_size() != 1:
+            # The token-type slicing assumes the sequence is split only by sequence parallelism.
+            raise NotImplementedError("TimeExpertMoEMLP does not support context parallelism yet")
         stats = ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
         router_module = router.build(config.hidden_size, group=stats, init_method=config.init_method)
         super().__init__(
