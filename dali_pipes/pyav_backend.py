@@ -67,7 +67,9 @@ def decode_frames(
                     position = t
                     k = int(np.clip(np.searchsorted(pts, t - tol), 0, len(pts) - 1))
                     if abs(pts[k] - t) <= tol and k in wanted and k not in got:
-                        got[k] = (frame.to_ndarray(format="rgb24"), t)
+                        # Scaled to the stream's declared size: a resolution change mid-stream cannot break stacking.
+                        rgb = frame.to_ndarray(format="rgb24", width=info.width, height=info.height)
+                        got[k] = (rgb, t)
                     if t >= t_target - tol:
                         break
     except av.error.FFmpegError as exc:

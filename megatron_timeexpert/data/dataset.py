@@ -10,6 +10,7 @@ samples is opened once.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,8 +18,10 @@ import torch
 
 from dali_pipes import VideoDecoder, VideoError, VideoInfo
 from megatron_timeexpert.data import stats as S
-from megatron_timeexpert.data.stats import BadInputs
+from megatron_timeexpert.data.stats import BadInputs, DataError
 from megatron_timeexpert.data.types import Event, Task, VTGSample
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -92,5 +95,13 @@ class VTGDataset:
         except VideoError as exc:
             detail = "; ".join(x for x in (exc.detail, f"annotation {sample.source}") if x)
             self.bad.report(exc.reason, exc.path or sample.video, "", detail)
+            return None
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an unforeseen decoder failure on one file must not end the run
+            log.warning("unexpected %s decoding %s", type(exc).__name__, sample.video, exc_info=True)
+            self.bad.report(
+                S.DECODE_ERROR, sample.video, "", f"{type(exc).__name__}: {exc}; annotation {sample.source}"
+            )
             return None
         return FrameSample(sample, clip.frames, clip.timestamps, clip.duration, clip.backend)

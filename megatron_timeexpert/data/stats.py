@@ -27,6 +27,8 @@ START_AFTER_END = "start_after_end"
 TIME_BEYOND_DURATION = "time_beyond_duration"
 UNKNOWN_VIDEO = "unknown_video"
 VIDEO_SHORTER = "video_shorter_than_annotation"
+#: A decoder failed in a way no other reason covers (the exception type and text are in the detail).
+DECODE_ERROR = "decode_error"
 #: Not a skip: an end time a little (<= tolerance) beyond the duration, clamped to it.
 CLAMPED_TIME = "clamped_time"
 
