@@ -147,3 +147,14 @@ def test_resume_in_a_real_two_rank_group(synth_dir):
     shards = results[0]["shards"]
     assert not set(shards[0]) & set(shards[1]) or len(shards[0]) * 2 > len(set(shards[0]) | set(shards[1]))
     assert results[1]["shards"] == shards  # both ranks computed the same global order
+
+
+def test_bounded_probe_cache_gives_the_same_samples(synth_dir):
+    big, small = make_dataset(synth_dir), make_dataset(synth_dir)
+    small.probe_cache_size = 2
+    for i in list(range(len(big))) * 2:
+        a, b = big.get(i), small.get(i)
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a.timestamps, b.timestamps) and torch.equal(a.frames, b.frames)
+    assert len(small._probed) == 2 and len(big._probed) == len({s.video for s in big.samples})

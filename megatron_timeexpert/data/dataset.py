@@ -4,13 +4,15 @@
 frame, task, text, target events) or None when the video is unusable: missing, zero-byte,
 corrupt, truncated, of an unsupported codec, or shorter than its annotation says. Every None is
 reported to :class:`~.stats.BadInputs` with the video, the annotation line and the reason (or
-raises under the fail policy). Probe results are cached per video, so a bad video shared by many
-samples is opened once.
+raises under the fail policy). Probe results are cached per video (bounded LRU), so a video shared
+by many samples is demuxed once.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,25 +58,39 @@ class VTGDataset:
     """Random access to decoded samples; bad videos are skipped-and-counted (None) or raise."""
 
     def __init__(
-        self, samples: Sequence[VTGSample], decoder: VideoDecoder, bad: BadInputs, time_tolerance: float = 0.5
+        self,
+        samples: Sequence[VTGSample],
+        decoder: VideoDecoder,
+        bad: BadInputs,
+        time_tolerance: float = 0.5,
+        probe_cache_size: int = 4096,
     ) -> None:
         self.samples = list(samples)
         self.decoder = decoder
         self.bad = bad
         self.time_tolerance = time_tolerance
-        self._probed: dict[str, VideoInfo | VideoError] = {}
+        self.probe_cache_size = probe_cache_size
+        # Probe results by path, least recently used first (a VideoInfo holds every frame time, so bounded).
+        self._probed: OrderedDict[str, VideoInfo | VideoError] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def _info(self, path: str) -> VideoInfo:
-        cached = self._probed.get(path)
+        with self._lock:
+            cached = self._probed.get(path)
+            if cached is not None:
+                self._probed.move_to_end(path)
         if cached is None:
             try:
                 cached = self.decoder.probe(path)
             except VideoError as exc:
                 cached = exc
-            self._probed[path] = cached
+            with self._lock:
+                self._probed[path] = cached
+                while len(self._probed) > self.probe_cache_size:
+                    self._probed.popitem(last=False)
         if isinstance(cached, VideoError):
             raise cached
         return cached
