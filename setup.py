@@ -21,6 +21,8 @@ CORE = [
     "pyyaml",
     "tqdm",
     "packaging",
+    # megatron dist_checkpointing reports writer memory through psutil (fails without it).
+    "psutil",
 ]
 
 EXTRAS = {

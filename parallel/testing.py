@@ -19,6 +19,7 @@ the ranks that had not finished (a hung collective shows up as exactly that).
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import time
@@ -79,7 +80,9 @@ def _child(rank: int, spec: _ChildSpec, results: Any) -> None:
             # megatron-core keeps extra groups alive; destroying the default group ends them all.
             if dist.is_initialized():
                 dist.destroy_process_group()
-        results.put((rank, "ok", out))
+        # Plain pickle copies tensors by value; torch's queue pickler would share them through file
+        # descriptors that vanish when this child exits.
+        results.put((rank, "ok", pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, "error", traceback.format_exc()))
 
@@ -102,7 +105,8 @@ def run_distributed(
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     spec = _ChildSpec(fn, tuple(args), dict(kwargs or {}), world_size, free_port(), backend, dict(env or {}), threads)
-    procs = [ctx.Process(target=_child, args=(r, spec, results), daemon=True) for r in range(world_size)]
+    # Not daemonic: megatron dist_checkpointing starts writer processes of its own.
+    procs = [ctx.Process(target=_child, args=(r, spec, results), daemon=False) for r in range(world_size)]
     for p in procs:
         p.start()
     name = getattr(fn, "__name__", repr(fn))
@@ -129,13 +133,16 @@ def run_distributed(
                     time.sleep(0.5)
                     while not results.empty():
                         rank, status, payload = results.get()
-                        (outs if status == "ok" else errors)[rank] = payload
+                        if status == "ok":
+                            outs[rank] = pickle.loads(payload)
+                        else:
+                            errors[rank] = payload
                     for r in dead:
                         errors.setdefault(r, f"process exited with code {procs[r].exitcode} without a result")
                     raise DistributedRunError(f"{name} failed" + _format_errors(errors)) from None
                 continue
             if status == "ok":
-                outs[rank] = payload
+                outs[rank] = pickle.loads(payload)
             else:
                 errors[rank] = payload
                 # One failing rank usually leaves the others blocked in a collective: stop early.

@@ -1,0 +1,348 @@
+"""Typed run configuration: small dataclasses, YAML recipes, dotted command-line overrides.
+
+    cfg = load_config("configs/tiny_moe.yaml", ["training.lr=3e-4", "parallel.tp=2"])
+
+Every section validates itself and raises :class:`ConfigError` naming ``section.field``, the bad
+value and what is allowed. Unknown keys in a YAML file or an override are errors too (a typo must
+not silently fall back to a default). No communication.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from parallel.layout import LayoutError, ParallelLayout
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field, the value and the rule."""
+
+
+def _check(cond: bool, section: str, name: str, value: Any, rule: str) -> None:
+    if not cond:
+        raise ConfigError(f"{section}.{name}={value!r}: {rule}")
+
+
+@dataclass
+class ModelConfig:
+    """The GPT-style MoE decoder."""
+
+    num_layers: int = 4
+    """Transformer layers (a multiple of pp * vpp)."""
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    num_attention_heads: int = 4
+    """Attention heads (a multiple of tp)."""
+    ffn_hidden_size: int = 128
+    """Hidden width of each expert's MLP (and of dense MLPs)."""
+    vocab_size: int = 256
+    """Token vocabulary (megatron pads it to a multiple of 128 * tp internally)."""
+    seq_length: int = 64
+    """Tokens per sample."""
+    normalization: str = "LayerNorm"
+    """'LayerNorm' or 'RMSNorm'."""
+    init_method_std: float = 0.02
+    """Std of the normal weight init."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+
+    def validate(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "seq_length"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v > 0, "model", name, v, "must be a positive integer")
+        _check(
+            self.hidden_size % self.num_attention_heads == 0,
+            "model",
+            "hidden_size",
+            self.hidden_size,
+            f"must be divisible by num_attention_heads={self.num_attention_heads}",
+        )
+        _check(
+            self.normalization in ("LayerNorm", "RMSNorm"),
+            "model",
+            "normalization",
+            self.normalization,
+            "use 'LayerNorm' or 'RMSNorm'",
+        )
+        for name in ("hidden_dropout", "attention_dropout"):
+            v = getattr(self, name)
+            _check(0.0 <= v < 1.0, "model", name, v, "must be in [0, 1)")
+
+
+ROUTERS = ("megatron", "topk", "timeexpert")
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts layers."""
+
+    router: str = "megatron"
+    """'megatron' (megatron-core's MoE layer and top-k router), 'topk' or 'timeexpert' (our MoE layer)."""
+    num_experts: int = 4
+    """Experts per MoE layer (for our layer: E_max, the fixed number of slots, ep * slots_per_rank)."""
+    topk: int = 2
+    """Experts per token for the top-k routers."""
+    layer_freq: int = 1
+    """Every layer_freq-th layer is an MoE layer (1: all layers); the others are dense MLPs."""
+    aux_loss_coeff: float = 0.01
+    """Load-balancing / task-dependent auxiliary loss coefficient."""
+    z_loss_coeff: float = 0.0
+    """Router z-loss coefficient."""
+    dispatcher: str = "allgather"
+    """megatron router only: 'allgather' or 'alltoall' token dispatcher."""
+    alpha: float = 0.1
+    """timeexpert: weight of the task activation rate A_t in the gate (eq. 6)."""
+    threshold_init: float = 0.0
+    """timeexpert: initial learnable threshold G."""
+
+    def validate(self) -> None:
+        _check(self.router in ROUTERS, "moe", "router", self.router, f"choose one of {ROUTERS}")
+        _check(
+            isinstance(self.num_experts, int) and self.num_experts > 0,
+            "moe",
+            "num_experts",
+            self.num_experts,
+            "must be a positive integer",
+        )
+        _check(1 <= self.topk <= self.num_experts, "moe", "topk", self.topk, f"must be in 1..{self.num_experts}")
+        _check(self.layer_freq >= 1, "moe", "layer_freq", self.layer_freq, "must be >= 1")
+        _check(self.aux_loss_coeff >= 0, "moe", "aux_loss_coeff", self.aux_loss_coeff, "must be >= 0")
+        _check(self.z_loss_coeff >= 0, "moe", "z_loss_coeff", self.z_loss_coeff, "must be >= 0")
+        _check(
+            self.dispatcher in ("allgather", "alltoall"),
+            "moe",
+            "dispatcher",
+            self.dispatcher,
+            "use 'allgather' or 'alltoall'",
+        )
+
+
+@dataclass
+class DataConfig:
+    """Training data."""
+
+    kind: str = "synthetic_tokens"
+    """'synthetic_tokens': a deterministic, learnable token stream (the video path comes later)."""
+    seed: int = 1234
+    """Seed of the synthetic data; sample i is a pure function of (seed, i)."""
+
+    def validate(self) -> None:
+        _check(self.kind == "synthetic_tokens", "data", "kind", self.kind, "only 'synthetic_tokens' exists yet")
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation, schedule and checkpoints."""
+
+    train_steps: int = 20
+    """Optimizer steps to run (in total, counting steps before a resume)."""
+    micro_batch_size: int = 2
+    """Samples per microbatch per data-parallel rank."""
+    global_batch_size: int = 8
+    """Samples per optimizer step over all data-parallel ranks."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Final learning rate of the decay."""
+    lr_warmup_steps: int = 2
+    """Linear warm-up steps."""
+    lr_decay_style: str = "cosine"
+    """'cosine', 'linear' or 'constant'."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    seed: int = 42
+    """Seed of weight init and dropout."""
+    save_dir: str | None = None
+    """Where checkpoints go (None: no checkpoints)."""
+    save_interval: int = 0
+    """Save every N steps (0: only at the end when save_dir is set)."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in save_dir."""
+    load_dir: str | None = None
+    """Initialise from this checkpoint directory (any layout) instead of random weights; the step
+    counter, optimizer and data position are loaded too unless finetune is set."""
+    finetune: bool = False
+    """With load_dir: load weights only (step 0, fresh optimizer)."""
+    keep_last: int = 3
+    """Complete checkpoints to keep (older ones are deleted after a successful save)."""
+
+    def validate(self) -> None:
+        for name in ("train_steps", "micro_batch_size", "global_batch_size"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v > 0, "training", name, v, "must be a positive integer")
+        _check(self.lr > 0, "training", "lr", self.lr, "must be > 0")
+        _check(0 <= self.min_lr <= self.lr, "training", "min_lr", self.min_lr, f"must be in [0, lr={self.lr}]")
+        _check(self.lr_warmup_steps >= 0, "training", "lr_warmup_steps", self.lr_warmup_steps, "must be >= 0")
+        _check(
+            self.lr_decay_style in ("cosine", "linear", "constant"),
+            "training",
+            "lr_decay_style",
+            self.lr_decay_style,
+            "use 'cosine', 'linear' or 'constant'",
+        )
+        _check(self.clip_grad >= 0, "training", "clip_grad", self.clip_grad, "must be >= 0")
+        _check(self.save_interval >= 0, "training", "save_interval", self.save_interval, "must be >= 0")
+        _check(self.keep_last >= 1, "training", "keep_last", self.keep_last, "must be >= 1")
+        _check(
+            not self.resume or self.save_dir is not None, "training", "resume", self.resume, "needs training.save_dir"
+        )
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go."""
+
+    log_interval: int = 1
+    """Print one metrics line every N steps (rank 0)."""
+    run_dir: str = "runs/default"
+    """Run directory: metrics.jsonl, tensorboard/, wandb/ go here."""
+    jsonl: bool = True
+    """Write metrics.jsonl."""
+    tensorboard: bool = True
+    """Write TensorBoard events when tensorboard is installed."""
+    wandb: bool = True
+    """Log to wandb when it is installed (see wandb_mode)."""
+    wandb_mode: str = "offline"
+    """'offline' (default: no network needed), 'online' or 'disabled'."""
+    wandb_project: str = "megatron-timeexpert"
+    """wandb project name."""
+    progress_bar: bool = True
+    """tqdm progress bar on rank 0."""
+
+    def validate(self) -> None:
+        _check(self.log_interval >= 1, "logging", "log_interval", self.log_interval, "must be >= 1")
+        _check(
+            self.wandb_mode in ("offline", "online", "disabled"),
+            "logging",
+            "wandb_mode",
+            self.wandb_mode,
+            "use 'offline', 'online' or 'disabled'",
+        )
+
+
+@dataclass
+class Config:
+    """A whole run: one section per concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self, world_size: int | None = None) -> Config:
+        """Check every section; with ``world_size`` also the parallel layout against the model."""
+        for section in (self.model, self.moe, self.data, self.training, self.logging):
+            section.validate()
+        if world_size is not None:
+            try:
+                self.parallel.validate(
+                    world_size,
+                    num_layers=self.model.num_layers,
+                    num_experts=self.moe.num_experts,
+                    num_attention_heads=self.model.num_attention_heads,
+                    global_batch_size=self.training.global_batch_size,
+                    micro_batch_size=self.training.micro_batch_size,
+                )
+            except LayoutError as e:
+                raise ConfigError(str(e)) from None
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one value against a dataclass field type (int, float, bool, str, optionals)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}={value!r}: must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}={value!r}: must be an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}={value!r}: must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}={value!r}: must be a string")
+    return value
+
+
+def _apply(obj: Any, data: dict[str, Any], where: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"{path}: unknown field (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}={value!r}: must be a mapping of fields")
+            _apply(current, value, path)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], path))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``training.lr=3e-4`` -> (['training', 'lr'], 0.0003); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.field=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override {text!r}: the key must look like section.field")
+    return parts, yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML recipe at ``path`` <- dotted ``overrides``; then section validation."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        try:
+            _apply(cfg, data, "")
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        nested: dict[str, Any] = {parts[-1]: value}
+        for p in reversed(parts[:-1]):
+            nested = {p: nested}
+        _apply(cfg, nested, "")
+    return cfg.validate()

@@ -1,0 +1,156 @@
+"""GPT-style MoE decoder built from megatron-core parts (``GPTModel`` + per-layer specs).
+
+``build_model(cfg)`` returns this rank's model chunks (one per virtual pipeline stage) for the
+layout already initialised by :meth:`parallel.layout.ParallelLayout.initialize`. Layer backend, in
+order of preference: transformer-engine (CUDA + TE installed), apex fused norms, plain torch with
+:class:`~megatron_timeexpert.model.norm.SequenceParallelTorchNorm`; one log line says which.
+Communication happens inside megatron's layers (TP all-gathers/reduce-scatters, EP token exchange).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+from megatron_timeexpert.config import Config
+from megatron_timeexpert.model.norm import SequenceParallelTorchNorm
+
+log = logging.getLogger(__name__)
+
+
+def layer_backend() -> str:
+    """'te' when transformer-engine is usable, else 'apex' when apex imports, else 'torch'."""
+    if torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None:
+        return "te"
+    if importlib.util.find_spec("apex") is not None and torch.cuda.is_available():
+        return "apex"
+    return "torch"
+
+
+def transformer_config(cfg: Config):
+    """megatron-core ``TransformerConfig`` for this run (fp32 on CPU, per-token loss averaging)."""
+    from megatron.core.transformer import TransformerConfig
+
+    m, moe, par = cfg.model, cfg.moe, cfg.parallel
+    uses_megatron_moe = moe.router == "megatron"
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        ffn_hidden_size=m.ffn_hidden_size,
+        moe_ffn_hidden_size=m.ffn_hidden_size,
+        normalization=m.normalization,
+        init_method_std=m.init_method_std,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        add_bias_linear=False,
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        virtual_pipeline_model_parallel_size=par.vpp if par.vpp and par.vpp > 1 else None,
+        expert_model_parallel_size=par.ep,
+        expert_tensor_parallel_size=par.etp,
+        sequence_parallel=par.tp > 1,
+        num_moe_experts=moe.num_experts if uses_megatron_moe else None,
+        moe_router_topk=moe.topk,
+        moe_aux_loss_coeff=moe.aux_loss_coeff if uses_megatron_moe else 0.0,
+        moe_z_loss_coeff=(moe.z_loss_coeff or None) if uses_megatron_moe else None,
+        moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
+        moe_token_dispatcher_type=moe.dispatcher,
+        moe_grouped_gemm=False,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
+        bf16=False,
+        calculate_per_token_loss=True,
+        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def _base_layer_spec(backend: str, num_experts: int | None):
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if backend == "te":
+        return specs.get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=False)
+    spec = specs.get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False)
+    if backend == "torch":
+        spec.submodules.input_layernorm = SequenceParallelTorchNorm
+        spec.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
+    return spec
+
+
+def _is_moe_layer(cfg: Config, layer_index: int) -> bool:
+    return layer_index % cfg.moe.layer_freq == 0
+
+
+def block_spec(cfg: Config, tconfig, vp_stage: int | None):
+    """Layer specs of this rank's (virtual) stage: MoE MLP on every ``moe.layer_freq``-th layer."""
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    backend = layer_backend()
+    dense = _base_layer_spec(backend, None)
+    if cfg.moe.router == "megatron":
+        moe = _base_layer_spec(backend, cfg.moe.num_experts)
+    else:
+        from megatron_timeexpert.moe.spec import timeexpert_layer_spec
+
+        moe = timeexpert_layer_spec(cfg, dense)
+    all_specs = [moe if _is_moe_layer(cfg, i) else dense for i in range(cfg.model.num_layers)]
+    offset = get_transformer_layer_offset(tconfig, vp_stage=vp_stage)
+    count = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm = TENorm
+    elif backend == "apex":
+        from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+
+        final_norm = FusedLayerNorm
+    else:
+        final_norm = SequenceParallelTorchNorm
+    return TransformerBlockSubmodules(layer_specs=all_specs[offset : offset + count], layer_norm=final_norm)
+
+
+def build_model(cfg: Config) -> list[torch.nn.Module]:
+    """This rank's GPTModel chunks (one per virtual pipeline stage), on the current device."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    tconfig = transformer_config(cfg)
+    vpp = cfg.parallel.vpp if cfg.parallel.vpp and cfg.parallel.vpp > 1 else None
+    chunks = []
+    for vp_stage in range(vpp) if vpp else [None]:
+        model = GPTModel(
+            config=tconfig,
+            transformer_layer_spec=block_spec(cfg, tconfig, vp_stage),
+            vocab_size=cfg.model.vocab_size,
+            max_sequence_length=cfg.model.seq_length,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="learned_absolute",
+            vp_stage=vp_stage,
+        )
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    if torch.distributed.get_rank() == 0:
+        log.info(
+            "model: %d layers, hidden %d, %d experts (router %s), layer backend %s%s",
+            cfg.model.num_layers,
+            cfg.model.hidden_size,
+            cfg.moe.num_experts,
+            cfg.moe.router,
+            layer_backend(),
+            "" if layer_backend() != "torch" else " (transformer-engine/apex absent or no CUDA)",
+        )
+    return chunks

@@ -1,0 +1,1 @@
+"""Training: the pretraining loop, checkpoints, metrics sinks and synthetic token data."""

@@ -1,0 +1,323 @@
+"""The pretraining loop on megatron-core: DDP, optimizer, LR schedule, pipeline schedules.
+
+    torchrun --nproc-per-node 4 -m megatron_timeexpert.cli pretrain --config configs/tiny_moe.yaml
+
+One step: every pipeline stage walks the same microbatches through megatron's forward-backward
+schedule (1F1B, interleaved when vpp > 1, or no pipelining when pp == 1); gradients are reduced by
+megatron's ``finalize_model_grads`` (DP all-reduce, expert grads over the expert-DP group, TP
+all-reduce of sequence-parallel params, per-token loss scaling); the optimizer clips by the global
+norm and steps; the scheduler advances. Losses are averaged per token over the global batch, so
+the loss of a step does not depend on the layout. Metrics are reduced to rank 0 with one small
+all-reduce per step (plus an all_gather_object of MoE metrics on logging steps).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_timeexpert.config import Config
+from megatron_timeexpert.model.gpt import build_model, transformer_config
+from megatron_timeexpert.train import checkpoint as ckpt
+from megatron_timeexpert.train.metrics import MetricsLogger, format_line
+from megatron_timeexpert.train.synthetic import SyntheticTokens
+from parallel.cpu_compat import apply_cpu_shims
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a run returns to its caller (tests compare these across layouts and resumes)."""
+
+    losses: list[float] = field(default_factory=list)
+    """Global per-token loss of each step run in this process, in order."""
+    grad_norms: list[float] = field(default_factory=list)
+    first_step: int = 0
+    """Step counter at the start of this process's training (non-zero after a resume)."""
+    checkpoint: str | None = None
+    """Path of the last checkpoint written."""
+    metrics: list[dict[str, float]] = field(default_factory=list)
+    """Rank 0's metrics of every logged step."""
+
+
+def _loss_func(output_tensor: torch.Tensor):
+    """Per-token loss: megatron divides the summed gradients by the token count of the global batch."""
+    losses = output_tensor.float().reshape(-1)
+    loss_sum = losses.sum()
+    num_tokens = torch.tensor(losses.numel(), dtype=torch.int, device=losses.device)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    for layer in _moe_layers(model):
+        layer.set_token_types(batch.get("token_type"))
+    output = model(
+        batch["tokens"].to(device),
+        batch["position_ids"].to(device),
+        None,
+        labels=batch["labels"].to(device),
+    )
+    return output, _loss_func
+
+
+def _moe_layers(model: torch.nn.Module):
+    return [m for m in model.modules() if hasattr(m, "set_token_types") and hasattr(m, "pop_metrics")]
+
+
+class Pretrainer:
+    """Owns one run: model chunks, DDP, optimizer, scheduler, data position, checkpoints."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        cfg.validate(self.world)
+        apply_cpu_shims()
+        cfg.parallel.initialize(cfg.training.seed)
+        # use_cpu_initialization draws full weights from the CPU generator and slices them per rank,
+        # so every layout starts from the same weights when seeded identically.
+        torch.manual_seed(cfg.training.seed)
+        self.tconfig = transformer_config(cfg)
+        self.models = self._wrap(build_model(cfg))
+        self.optimizer = self._optimizer()
+        self.scheduler = self._scheduler()
+        self.state = ckpt.TrainState()
+        self.data = self._data()
+        self._restore()
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _wrap(self, chunks):
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+        )
+        wrapped = [
+            DistributedDataParallel(self.tconfig, ddp_cfg, chunk, disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)
+        ]
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        return wrapped
+
+    def _optimizer(self):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        t = self.cfg.training
+        ocfg = OptimizerConfig(
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            clip_grad=t.clip_grad,
+            bf16=False,
+            fp16=False,
+            params_dtype=torch.float32,
+            use_distributed_optimizer=False,
+        )
+        return get_megatron_optimizer(ocfg, self.models)
+
+    def _scheduler(self):
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        t = self.cfg.training
+        return OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if t.lr_warmup_steps else t.lr,
+            max_lr=t.lr,
+            min_lr=t.min_lr,
+            lr_warmup_steps=t.lr_warmup_steps,
+            lr_decay_steps=max(t.train_steps, t.lr_warmup_steps + 1),
+            lr_decay_style=t.lr_decay_style,
+            start_wd=t.weight_decay,
+            end_wd=t.weight_decay,
+            wd_incr_steps=max(t.train_steps, 1),
+            wd_incr_style="constant",
+            use_checkpoint_opt_param_scheduler=True,
+            override_opt_param_scheduler=False,
+        )
+
+    def _data(self) -> SyntheticTokens:
+        from megatron.core import parallel_state as ps
+
+        c = self.cfg
+        return SyntheticTokens(
+            seed=c.data.seed,
+            seq_length=c.model.seq_length,
+            vocab_size=c.model.vocab_size,
+            global_batch_size=c.training.global_batch_size,
+            micro_batch_size=c.training.micro_batch_size,
+            dp_rank=ps.get_data_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(),
+        )
+
+    def _restore(self) -> None:
+        t = self.cfg.training
+        path = None
+        if t.resume:
+            path = ckpt.latest_checkpoint(t.save_dir)
+            if path is None and self.rank == 0:
+                log.info("resume: no complete checkpoint in %s, starting from scratch", t.save_dir)
+        if path is None and t.load_dir:
+            path = Path(t.load_dir)
+            if ckpt.latest_checkpoint(path) is not None:  # a save_dir was given: take its newest
+                path = ckpt.latest_checkpoint(path)
+            if t.finetune:
+                ckpt.load_checkpoint(path, self.models)
+                return
+        if path is not None:
+            self.state, _ = ckpt.load_checkpoint(path, self.models, self.optimizer, self.scheduler)
+
+    # -- training -----------------------------------------------------------------------------
+
+    def _step(self) -> tuple[float, float]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        for m in self.models:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        mbs = self.data.microbatches(self.state.consumed_samples)
+        iters = [iter(mbs) for _ in self.models] if len(self.models) > 1 else iter(mbs)
+        reduced = get_forward_backward_func()(
+            forward_step_func=_forward_step,
+            data_iterator=iters,
+            model=self.models if len(self.models) > 1 else self.models[0],
+            num_microbatches=len(mbs),
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.training.micro_batch_size,
+            forward_only=False,
+        )
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.state.step += 1
+        self.state.consumed_samples += self.cfg.training.global_batch_size
+        return self._global_loss(reduced), float(grad_norm if grad_norm is not None else 0.0)
+
+    def _global_loss(self, reduced: list[dict]) -> float:
+        """Sum of token losses / tokens over the whole global batch, known to every rank."""
+        from megatron.core import parallel_state as ps
+
+        totals = torch.zeros(2, dtype=torch.float64)
+        if reduced and ps.get_tensor_model_parallel_rank() == 0:
+            for d in reduced:
+                totals += d["lm loss"].double().cpu()
+        dist.all_reduce(totals)
+        return float(totals[0] / totals[1])
+
+    def _moe_metrics(self) -> dict[str, float]:
+        local = {}
+        for layer_no, layer in enumerate(m for model in self.models for m in _moe_layers(model)):
+            for k, v in layer.pop_metrics().items():
+                local[f"moe/{k}/layer{getattr(layer, 'layer_number', layer_no)}"] = float(v)
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, local)
+        per_key: dict[str, list[float]] = {}
+        for d in gathered:
+            for k, v in d.items():
+                per_key.setdefault(k, []).append(v)
+        out = {k: sum(v) / len(v) for k, v in per_key.items()}
+        # Averages over layers for the console line (per-layer values stay in the sinks).
+        by_name: dict[str, list[float]] = {}
+        for k, v in out.items():
+            by_name.setdefault(k.rsplit("/layer", 1)[0], []).append(v)
+        out.update({k: sum(v) / len(v) for k, v in by_name.items()})
+        return out
+
+    def _memory_gib(self) -> float:
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated() / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+    def train(self) -> RunResult:
+        """Run until ``training.train_steps``; save on the interval and at the end."""
+        from tqdm import tqdm
+
+        c = self.cfg
+        t = c.training
+        result = RunResult(first_step=self.state.step)
+        sink = MetricsLogger(c.logging, c.to_dict(), enabled=self.rank == 0)
+        bar = tqdm(
+            total=t.train_steps,
+            initial=self.state.step,
+            disable=self.rank != 0 or not c.logging.progress_bar,
+            desc="pretrain",
+            dynamic_ncols=True,
+        )
+        tokens_per_step = t.global_batch_size * c.model.seq_length
+        try:
+            while self.state.step < t.train_steps:
+                t0 = time.perf_counter()
+                loss, grad_norm = self._step()
+                step_time = time.perf_counter() - t0
+                result.losses.append(loss)
+                result.grad_norms.append(grad_norm)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if self.state.step % c.logging.log_interval == 0 or self.state.step == t.train_steps:
+                    metrics = {
+                        "loss": loss,
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tokens_per_step / step_time,
+                        "step_time_s": step_time,
+                        "memory_gib": self._memory_gib(),
+                        **self._moe_metrics(),
+                    }
+                    if self.rank == 0:
+                        bar.write(format_line(self.state.step, t.train_steps, metrics))
+                        sink.log(self.state.step, metrics)
+                        result.metrics.append(metrics)
+                else:
+                    self._moe_metrics()
+                if t.save_dir and t.save_interval and self.state.step % t.save_interval == 0:
+                    result.checkpoint = str(self.save())
+            if t.save_dir and (
+                result.checkpoint is None or not result.checkpoint.endswith(ckpt.checkpoint_name(self.state.step))
+            ):
+                result.checkpoint = str(self.save())
+        finally:
+            bar.close()
+            sink.close()
+        return result
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(
+            self.cfg.training.save_dir,
+            self.state,
+            self.models,
+            self.optimizer,
+            self.scheduler,
+            extra={"config": self.cfg.to_dict(), "layout": self.cfg.parallel.describe(self.world)},
+            keep_last=self.cfg.training.keep_last,
+        )
+
+
+def pretrain(cfg: Config) -> RunResult:
+    """Build and run one pretraining job in an initialised process group."""
+    trainer = Pretrainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+
+
+def run_pretrain_in_group(cfg: Config) -> RunResult:
+    """Entry point for ``parallel.testing.run_distributed`` (the group exists already)."""
+    return pretrain(cfg)
