@@ -143,7 +143,10 @@ class TrainingConfig:
     """Optimisation, schedule and checkpoints."""
 
     train_steps: int = 20
-    """Optimizer steps to run (in total, counting steps before a resume)."""
+    """Optimizer steps to run (in total, counting steps before a resume); 0 initialises and saves."""
+    stop_at_step: int | None = None
+    """Stop this process when the step counter reaches this value (saving a checkpoint when save_dir
+    is set), e.g. to fit a job's time limit; the LR schedule still spans train_steps. None: run on."""
     micro_batch_size: int = 2
     """Samples per microbatch per data-parallel rank."""
     global_batch_size: int = 8
@@ -181,7 +184,21 @@ class TrainingConfig:
     """Complete checkpoints to keep (older ones are deleted after a successful save)."""
 
     def validate(self) -> None:
-        for name in ("train_steps", "micro_batch_size", "global_batch_size"):
+        _check(
+            isinstance(self.train_steps, int) and self.train_steps >= 0,
+            "training",
+            "train_steps",
+            self.train_steps,
+            "must be an integer >= 0 (0: initialise, save, stop)",
+        )
+        _check(
+            self.stop_at_step is None or self.stop_at_step >= 0,
+            "training",
+            "stop_at_step",
+            self.stop_at_step,
+            "must be >= 0 or null",
+        )
+        for name in ("micro_batch_size", "global_batch_size"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v > 0, "training", name, v, "must be a positive integer")
         _check(self.lr > 0, "training", "lr", self.lr, "must be > 0")
@@ -287,6 +304,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}={value!r}: must be a number")
     if tp is str:
         if isinstance(value, str):

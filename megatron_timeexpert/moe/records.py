@@ -104,9 +104,9 @@ class RoutingRecords(nn.Module):
         flat = self.local_contribution(fired, token_type, hidden).to(self.total_counts.device)
         if self.group is not None and dist.is_initialized() and dist.get_world_size(self.group) > 1:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
-        self._apply(flat)
+        self._absorb_reduced(flat)
 
-    def _apply(self, flat: torch.Tensor) -> None:
+    def _absorb_reduced(self, flat: torch.Tensor) -> None:
         e, nt, h = self.num_experts, self.num_types, self.hidden_size
         sizes = [nt * e, nt, nt, h]
         type_counts, type_tokens, type_unrouted, unrouted_sum = torch.split(flat, sizes)

@@ -244,7 +244,7 @@ class Pretrainer:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
     def train(self) -> RunResult:
-        """Run until ``training.train_steps``; save on the interval and at the end."""
+        """Run until ``training.train_steps`` (or ``stop_at_step``); save on the interval and at the end."""
         from tqdm import tqdm
 
         c = self.cfg
@@ -259,8 +259,9 @@ class Pretrainer:
             dynamic_ncols=True,
         )
         tokens_per_step = t.global_batch_size * c.model.seq_length
+        last_step = t.train_steps if t.stop_at_step is None else min(t.train_steps, t.stop_at_step)
         try:
-            while self.state.step < t.train_steps:
+            while self.state.step < last_step:
                 t0 = time.perf_counter()
                 loss, grad_norm = self._step()
                 step_time = time.perf_counter() - t0

@@ -1,0 +1,110 @@
+"""The ``timeexpert`` command.
+
+    timeexpert pretrain --config configs/tiny_moe.yaml --nproc 4          # local CPU/GPU processes
+    torchrun --nproc-per-node 8 -m megatron_timeexpert.cli pretrain --config X training.lr=3e-4
+    timeexpert config --config configs/tiny_moe.yaml parallel.tp=1        # print the resolved config
+
+Overrides are ``section.field=value`` (YAML scalars). ``--resume`` continues from the newest
+complete checkpoint in ``training.save_dir``. ``--nproc N`` starts N local processes through
+torchrun when the command is not already running under a launcher (torchrun, srun, mpirun).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+
+import yaml
+
+from megatron_timeexpert.config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="timeexpert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    pre = sub.add_parser("pretrain", help="pretrain an MoE model (synthetic data for now)")
+    pre.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny_moe.yaml")
+    pre.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    pre.add_argument("--nproc", type=int, default=None, help="start this many local processes via torchrun")
+    pre.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    show = sub.add_parser("config", help="print the resolved configuration")
+    show.add_argument("--config", required=True)
+    show.add_argument("overrides", nargs="*")
+    return p
+
+
+def _under_launcher() -> bool:
+    return any(k in os.environ for k in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
+def _relaunch(nproc: int, argv: list[str]) -> int:
+    """Re-run this command under torchrun with ``nproc`` local processes."""
+    args = [a for a in argv if not a.startswith("--nproc")]
+    if "--nproc" in argv:  # "--nproc N" as two tokens
+        i = argv.index("--nproc")
+        args = argv[:i] + argv[i + 2 :]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    cmd += ["--master-port", os.environ.get("MASTER_PORT", "29531"), "-m", "megatron_timeexpert.cli", *args]
+    print(f"timeexpert: launching {nproc} processes: {' '.join(cmd)}", flush=True)
+    return subprocess.call(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    overrides = list(args.overrides)
+    try:
+        if args.command == "config":
+            print(yaml.safe_dump(load_config(args.config, overrides).to_dict(), sort_keys=False))
+            return 0
+        if args.resume:
+            overrides.append("training.resume=true")
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"timeexpert: configuration error: {e}", file=sys.stderr)
+        return 2
+    if args.nproc and args.nproc > 1 and not _under_launcher():
+        return _relaunch(args.nproc, argv)
+
+    from parallel.env import discover, init_distributed
+
+    dist_env = discover()
+    _setup_logging(dist_env.rank)
+    init_distributed(dist_env)
+    try:
+        cfg.validate(dist_env.world_size)
+    except ConfigError as e:
+        if dist_env.rank == 0:
+            print(f"timeexpert: configuration error: {e}", file=sys.stderr)
+        return 2
+    from megatron_timeexpert.train.pretrain import pretrain
+
+    result = pretrain(cfg)
+    if dist_env.rank == 0 and result.losses:
+        print(
+            f"timeexpert: finished {len(result.losses)} steps, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}"
+            + (f", checkpoint {result.checkpoint}" if result.checkpoint else ""),
+            flush=True,
+        )
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
