@@ -9,6 +9,7 @@ Communication happens inside megatron's layers (TP all-gathers/reduce-scatters, 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 
@@ -52,7 +53,8 @@ def transformer_config(cfg: Config):
         expert_model_parallel_size=par.ep,
         expert_tensor_parallel_size=par.etp,
         sequence_parallel=par.tp > 1,
-        num_moe_experts=moe.num_experts if uses_megatron_moe else None,
+        # megatron requires it whenever EP > 1; only megatron's own MoE layer reads the router fields below.
+        num_moe_experts=moe.num_experts,
         moe_router_topk=moe.topk,
         moe_aux_loss_coeff=moe.aux_loss_coeff if uses_megatron_moe else 0.0,
         moe_z_loss_coeff=(moe.z_loss_coeff or None) if uses_megatron_moe else None,
@@ -84,6 +86,34 @@ def _base_layer_spec(backend: str, num_experts: int | None):
     return spec
 
 
+def router_config(cfg: Config):
+    """Our router's config (TimeExpert adaptive-k or the top-k baseline) from the run config."""
+    from megatron_timeexpert.moe.router import RouterConfig
+
+    m = cfg.moe
+    return RouterConfig(
+        router_type=m.router,
+        num_experts=m.num_experts,
+        topk=m.topk,
+        alpha=m.alpha,
+        threshold_init=m.threshold_init,
+        aux_loss_coeff=m.aux_loss_coeff,
+        z_loss_coeff=m.z_loss_coeff,
+    )
+
+
+def _our_moe_spec(cfg: Config, dense):
+    """The dense layer spec with its MLP replaced by our MoE layer (fixed expert slots, variable-k
+    all-to-all); see megatron_timeexpert/moe/spec.py."""
+    from megatron_timeexpert.moe.spec import get_timeexpert_moe_spec
+
+    spec = copy.deepcopy(dense)
+    spec.submodules.mlp = get_timeexpert_moe_spec(
+        router_config(cfg), ffn_hidden_size=cfg.model.ffn_hidden_size, expert_init_seed=cfg.training.seed
+    )
+    return spec
+
+
 def _is_moe_layer(cfg: Config, layer_index: int) -> bool:
     return layer_index % cfg.moe.layer_freq == 0
 
@@ -98,12 +128,7 @@ def block_spec(cfg: Config, tconfig, vp_stage: int | None):
 
     backend = layer_backend()
     dense = _base_layer_spec(backend, None)
-    if cfg.moe.router == "megatron":
-        moe = _base_layer_spec(backend, cfg.moe.num_experts)
-    else:
-        from megatron_timeexpert.moe.spec import timeexpert_layer_spec
-
-        moe = timeexpert_layer_spec(cfg, dense)
+    moe = _base_layer_spec(backend, cfg.moe.num_experts) if cfg.moe.router == "megatron" else _our_moe_spec(cfg, dense)
     all_specs = [moe if _is_moe_layer(cfg, i) else dense for i in range(cfg.model.num_layers)]
     offset = get_transformer_layer_offset(tconfig, vp_stage=vp_stage)
     count = get_num_layers_to_build(tconfig, vp_stage=vp_stage)

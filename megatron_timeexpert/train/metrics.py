@@ -27,11 +27,19 @@ _LINE_KEYS = (
 )
 
 
+_MOE_LINE_PREFIXES = (("moe/experts_per_token/", "k/"), ("moe/loss/", ""))
+
+
 def format_line(step: int, total: int, metrics: dict[str, float]) -> str:
-    """``step 5/20 | loss 4.1234 | lr 1.00e-03 | ...`` plus any MoE metrics (k by type)."""
+    """``step 5/20 | loss 4.1234 | lr 1.00e-03 | ... | k/TEXT 2.7 | aux 5e-05``: the run's vital
+    signs plus, for our MoE layers, mean experts per token by type and the router losses (averaged
+    over layers). Everything else (per layer, per expert, bytes, timings) goes to the sinks."""
     parts = [f"step {step}/{total}"]
     parts += [fmt.format(metrics[k]) for k, fmt in _LINE_KEYS if k in metrics]
-    parts += [f"{k} {v:.3g}" for k, v in sorted(metrics.items()) if k.startswith("moe/") and "/layer" not in k]
+    for prefix, short in _MOE_LINE_PREFIXES:
+        for k, v in sorted(metrics.items()):
+            if k.startswith(prefix) and "/layer" not in k:
+                parts.append(f"{short}{k[len(prefix) :]} {v:.3g}")
     return " | ".join(parts)
 
 

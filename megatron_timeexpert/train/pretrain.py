@@ -58,8 +58,9 @@ def _loss_func(output_tensor: torch.Tensor):
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
     device = next(model.parameters()).device
+    token_type = batch.get("token_type")
     for layer in _moe_layers(model):
-        layer.set_token_types(batch.get("token_type"))
+        layer.set_token_types(None if token_type is None else token_type.to(device))
     output = model(
         batch["tokens"].to(device),
         batch["position_ids"].to(device),
@@ -91,6 +92,7 @@ class Pretrainer:
         self.optimizer = self._optimizer()
         self.scheduler = self._scheduler()
         self.state = ckpt.TrainState()
+        self._scale_router_losses()
         self.data = self._data()
         self._restore()
 
@@ -165,6 +167,17 @@ class Pretrainer:
             dp_rank=ps.get_data_parallel_rank(),
             dp_size=ps.get_data_parallel_world_size(),
         )
+
+    def _scale_router_losses(self) -> None:
+        """Router losses of our MoE layers are means over a rank's tokens of one microbatch. Gradients
+        are summed over microbatches and DP ranks (and TP ranks for the sequence-parallel router) and
+        then divided by the global token count (per-token loss); scaling the injected router-loss
+        gradient by tokens/(microbatch x rank) makes the result their mean over microbatches and ranks."""
+        c = self.cfg
+        scale = c.training.micro_batch_size * c.model.seq_length / c.parallel.tp
+        for model in self.models:
+            for layer in _moe_layers(model):
+                layer.set_aux_loss_scale(scale)
 
     def _restore(self) -> None:
         t = self.cfg.training

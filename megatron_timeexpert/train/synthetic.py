@@ -4,8 +4,12 @@ Sample ``i`` is a pure function of ``(seed, i)``: an arithmetic progression modu
 with a stride drawn from a few values, so a model can learn to predict the next token and the
 loss visibly falls. The global batch of step ``k`` is samples ``[k*G, (k+1)*G)``; data-parallel
 rank ``r`` of ``dp`` takes the contiguous ``G/dp`` block ``r`` and cuts it into microbatches.
-Position in the stream is just the number of consumed samples, which checkpoints store. No
-communication.
+Position in the stream is just the number of consumed samples, which checkpoints store.
+
+Token types (for the TimeExpert router's per-type statistics) are a fixed function of the token id:
+the vocabulary is cut into four equal ranges, visual | text | time | score, in the order of
+:class:`~megatron_timeexpert.moe.types.TokenType`. They are given ``[s, b]`` (sequence first, as the
+MoE layer expects). No communication.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from megatron_timeexpert.moe.types import NUM_TOKEN_TYPES
 
 STRIDES = (1, 2, 3, 5)
 
@@ -23,6 +29,11 @@ def sample(seed: int, index: int, seq_length: int, vocab_size: int) -> torch.Ten
     start = int(torch.randint(0, vocab_size, (1,), generator=g))
     stride = STRIDES[int(torch.randint(0, len(STRIDES), (1,), generator=g))]
     return (start + stride * torch.arange(seq_length + 1)) % vocab_size
+
+
+def token_types(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Type of each token id: four equal vocabulary ranges, visual/text/time/score (0..3)."""
+    return (tokens * NUM_TOKEN_TYPES) // vocab_size
 
 
 @dataclass
@@ -49,6 +60,7 @@ class SyntheticTokens:
                     "tokens": mb[:, :-1].contiguous(),
                     "labels": mb[:, 1:].contiguous(),
                     "position_ids": torch.arange(self.seq_length).unsqueeze(0).expand(mb.shape[0], -1).contiguous(),
+                    "token_type": token_types(mb[:, :-1], self.vocab_size).t().contiguous(),
                 }
             )
         return out
