@@ -2,7 +2,8 @@
 
 - Layout: the same initial weights (one checkpoint written by a single process, loaded into
   every layout) and the same data give the same per-step losses at (TP,PP,EP) = (1,1,1) on one
-  process and (1,1,1), (2,1,2), (1,2,2), (2,2,2) on four.
+  process and (1,1,1), (2,1,2), (1,2,2), (2,2,2) and (1,2,2) with 2 virtual stages (interleaved
+  schedule) on four.
 - Resume: 2N steps straight equal N steps, stop, resume, N more -- bitwise on CPU.
 - Re-layout: a checkpoint saved at (TP2, PP2, EP2) continues at (TP1, PP1, EP4) with the losses
   of the uninterrupted (2,2,2) run.
@@ -61,10 +62,14 @@ def reference_losses(init_ckpt, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "layout", [(1, 1, 1), (2, 1, 2), (1, 2, 2), (2, 2, 2)], ids=lambda t: f"tp{t[0]}-pp{t[1]}-ep{t[2]}"
+    "layout",
+    [(1, 1, 1, None), (2, 1, 2, None), (1, 2, 2, None), (2, 2, 2, None), (1, 2, 2, 2)],
+    ids=lambda t: f"tp{t[0]}-pp{t[1]}-ep{t[2]}" + (f"-vpp{t[3]}" if t[3] else ""),
 )
 def test_layout_invariance(layout, init_ckpt, reference_losses, tmp_path):
-    losses = train(_from_init(tmp_path, init_ckpt, *layout), 4).losses
+    cfg = _from_init(tmp_path, init_ckpt, *layout[:3])
+    cfg.parallel.vpp = layout[3]
+    losses = train(cfg, 4).losses
     assert len(losses) == len(reference_losses) == STEPS
     assert reference_losses[-1] < reference_losses[0], "the reference run does not learn"
     for step, (got, want) in enumerate(zip(losses, reference_losses)):

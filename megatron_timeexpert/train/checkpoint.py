@@ -191,10 +191,9 @@ def _write_latest(save_dir: Path, name: str) -> None:
 
 
 def _flat(model_sd: dict[str, Any]) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for sd in model_sd.values():
-        flat.update(sd)
-    return flat
+    """All chunks' sharded tensors in one dict for the optimizer's param mapping. Local names
+    repeat across virtual stages (each chunk has its own ``decoder.layers.0``), so keep them apart."""
+    return {f"{chunk}.{k}": v for chunk, sd in model_sd.items() for k, v in sd.items()}
 
 
 def load_checkpoint(
