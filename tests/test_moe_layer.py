@@ -158,6 +158,29 @@ def _layer_vs_reference(tp: int, ep: int, scenario: str, router_kind: str = "tin
         host = layer.placement.expert_rank()
         distinct_remote = [len({host[e].item() for e in row.nonzero().flatten()} - {layer.ep_rank}) for row in fired]
         k_local = fired.sum(1)
+        # Routing records (production routers): the forward reduced nothing, finish_step (the trainer
+        # calls it after the optimizer step) folds in every rank's tokens of the stage at once.
+        records = None
+        if router_kind != "tiny":
+            nt = layer.router.records.num_types
+            pending_before = layer.router.records.pending.clone()
+            untouched = layer.router.records.step.item() == 0 and layer.router.records.total_counts.sum() == 0
+            layer.finish_step()
+            ref_router.finish_step()
+            rec, ref_rec = layer.router.records.state_dict(), ref_router.records.state_dict()
+            records = {
+                "untouched_in_forward": bool(untouched),
+                "pending_local_tokens": pending_before[E * nt : E * nt + nt].sum().item(),  # type_tokens part
+                "state": {k: v.numpy() for k, v in rec.items()},
+                "equal_ref": all(
+                    torch.allclose(v.double(), ref_rec[k].double(), rtol=1e-12, atol=1e-12)
+                    if "unrouted_sum" in k  # float64 sums of a different grouping: equal to rounding
+                    else torch.equal(v, ref_rec[k])
+                    for k, v in rec.items()
+                ),
+                "ref_step": ref_rec["step"].item(),
+                "ref_tokens": ref_rec["total_type_tokens"].sum().item(),
+            }
         # A second forward with statistics reduced over all ranks of the stage.
         layer.moe.reduce_metrics = True
         with torch.no_grad():
@@ -177,6 +200,8 @@ def _layer_vs_reference(tp: int, ep: int, scenario: str, router_kind: str = "tin
             "ref_loss_z": r_ref.losses["z"].item() / world if router_kind == "tiny" else 0.0,
             "k_mean": reduced["experts_per_token/ALL"],
             "ref_k_mean": r_ref.routing_map.sum(1).double().mean().item(),
+            "records": records,
+            "local_tokens": x_loc.shape[0] * x_loc.shape[1],
         }
     finally:
         if dist.is_initialized():
@@ -204,6 +229,22 @@ def results() -> dict:
         for key in per_rank[0]:
             out[key] = [r[key] for r in per_rank]
     return out
+
+
+@pytest.mark.parametrize("tp,ep,kind", [case for world in PRODUCTION for case in PRODUCTION[world]])
+def test_production_router_records_after_finish_step(results, tp, ep, kind):
+    """The layer's forward leaves the routing records untouched (only this rank's tokens pending);
+    after layer.finish_step() every rank of the stage holds the same records, equal to those of the
+    single-process router over all tokens."""
+    rows = results[(tp, ep, kind)]
+    for rank, r in enumerate(rows):
+        rec = r["records"]
+        assert rec["untouched_in_forward"], f"rank {rank}: the forward changed the records"
+        assert rec["pending_local_tokens"] == r["local_tokens"], f"rank {rank}: pending is not its own tokens"
+        assert rec["equal_ref"], f"rank {rank}: records differ from the single-process ones"
+        assert rec["ref_step"] == 1 and rec["ref_tokens"] == S * B * len(rows) // tp
+        for k, v in rec["state"].items():
+            assert (v == rows[0]["records"]["state"][k]).all(), f"rank {rank} differs from rank 0 in {k}"
 
 
 @pytest.mark.parametrize("tp,ep,kind", [case for world in PRODUCTION for case in PRODUCTION[world]])

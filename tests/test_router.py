@@ -179,22 +179,41 @@ def test_task_activation_rate_changes_routing():
     assert score[0, 0] and not vis[0, 0]  # (cos + 10) / 11 > 0.5 only with A = 1
 
 
-def test_training_forward_updates_at_with_ema_and_eval_does_not():
+def test_at_takes_one_ema_step_per_finish_step_and_eval_records_nothing():
+    """Training forwards only accumulate: A_t is constant within a step (both forwards of a step route
+    with the same A_t), finish_step applies one EMA step from the step's combined counts, and eval
+    forwards record nothing."""
     x, tt = _tokens(32)
     r = _router(rate_decay=0.9)
     out1 = r.train()(x, tt)
+    assert r.records.type_rate.abs().sum() == 0  # not before finish_step
+    r.finish_step()
     rate1 = r.records.type_rate.clone()
     for t in range(4):  # first observation of a type: its batch rate
         sel = tt == t
         torch.testing.assert_close(rate1[t], out1.routing_map[sel].float().mean(0))
-    out2 = r(x, tt)  # routes with rate1
+    # a step of two forwards (microbatches): both route with rate1, one EMA step from their union
+    out2a = r(x[:10], tt[:10])
+    assert torch.equal(r.records.type_rate, rate1)
+    out2b = r(x[10:], tt[10:])
+    assert torch.equal(r.records.type_rate, rate1)
+    r.finish_step()
+    map2 = torch.cat([out2a.routing_map, out2b.routing_map])
+    with torch.no_grad():  # the same routing as one forward over all tokens with rate1
+        ref = _router(rate_decay=0.9)
+        ref.records.type_rate.copy_(rate1)
+        assert torch.equal(ref.train()(x, tt).routing_map, map2)
     for t in range(4):
         sel = tt == t
-        torch.testing.assert_close(r.records.type_rate[t], 0.9 * rate1[t] + 0.1 * out2.routing_map[sel].float().mean(0))
+        torch.testing.assert_close(r.records.type_rate[t], 0.9 * rate1[t] + 0.1 * map2[sel].float().mean(0))
+    assert r.records.step.item() == 2
     before = r.records.state_dict()
     r.eval()(x, tt)
+    r.finish_step()
+    assert r.records.step.item() == 3  # finish_step counts the step even when it saw no tokens
     for k, v in r.records.state_dict().items():
-        assert torch.equal(v, before[k]), k
+        if k != "step":
+            assert torch.equal(v, before[k]), k
 
 
 def test_activate_and_deactivate():
@@ -219,6 +238,8 @@ def test_state_dict_holds_active_mask_and_records():
     r = _router(num_initial_experts=2)
     x, tt = _tokens()
     r.train()(x, tt)
+    r.finish_step()
+    assert r.records.type_rate.abs().sum() > 0
     sd = r.state_dict()
     assert {"weight", "threshold", "active", "records.type_rate", "records.total_counts"} <= set(sd)
     r2 = _router(seed=5)
@@ -255,6 +276,7 @@ def test_losses_are_scaled_and_reach_the_router():
     x, tt = _tokens(64)
     r = RouterConfig(aux_loss_coeff=2.0, expert_norm_coeff=0.5, z_loss_coeff=0.25, num_experts=4).build(8)
     r.train()(x, tt)  # a history for A_t
+    r.finish_step()
     out = r(x, tt)
     m = out.metrics
     torch.testing.assert_close(

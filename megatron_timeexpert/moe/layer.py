@@ -19,9 +19,11 @@ Who owns what:
 Communication per forward, all on the EP group (see :mod:`parallel.dispatch`): one count exchange
 (``all_to_all_single`` of ``[ep]`` int64), one dispatch ``all_to_all_single`` of the deduplicated
 token rows (+ their local-slot weights and mask), one combine ``all_to_all_single`` of partial sums;
-the backward repeats dispatch and combine with swapped splits. The router may reduce its routing
-statistics on its own group (documented by the router). ``pop_metrics`` does one ``all_reduce`` on
-the statistics group.
+the backward repeats dispatch and combine with swapped splits. The router does not communicate in
+forward (it only accumulates its routing statistics locally). Once per optimizer step,
+:meth:`TimeExpertMoELayer.finish_step` lets the router fold the step's statistics into its records
+with one ``all_reduce`` on the router's records group (the statistics group when built through the
+spec). ``pop_metrics`` does one ``all_reduce`` on the statistics group.
 
 Router losses reach the training loss through the autograd graph: :class:`AttachAuxLoss` is the
 identity on the output in forward and feeds ``d loss = aux_loss_scale`` into each loss in backward,
@@ -241,6 +243,19 @@ class TimeExpertMoELayer(nn.Module):
         if losses and torch.is_grad_enabled():
             out = AttachAuxLoss.apply(out, self.aux_loss_scale, *losses)
         return out.view_as(hidden_states), None
+
+    def finish_step(self) -> None:
+        """Call once after every optimizer step: the router's records absorb the step's routing.
+
+        Collective: one ``all_reduce`` on the router's records group (the statistics group, all ranks
+        of this pipeline stage, when built through the spec); every rank of it must call this at the
+        same point. Afterwards every rank holds identical records, and A_t (which the TimeExpert gate
+        reads) is that of the global batch, for the next step. A router without records (no
+        ``finish_step``) makes this a no-op.
+        """
+        finish = getattr(self.router, "finish_step", None)
+        if finish is not None:
+            finish()
 
     def pop_metrics(self) -> dict[str, float]:
         """This layer's averaged losses and metrics since the last pop (see ``MoEInstrument.pop``).

@@ -4,7 +4,8 @@ Owns, as buffers (so they travel in ``state_dict`` and checkpoints):
 
 - per-expert activation counts, as totals since construction and for the current recording window
   (``reset_window()`` starts a new window; the totals are never reset);
-- ``last_active_step`` (R_E): the update step at which each expert last fired on any rank;
+- ``last_active_step`` (R_E): the update step (one per :meth:`RoutingRecords.finish_step`, i.e. per
+  optimizer step in training) at which each expert last fired on any rank;
 - ``*_unrouted_sum`` / ``*_unrouted_count`` (R_S): the float64 sum and the number of embeddings of
   tokens that fired no expert (``unrouted_mean()`` gives the normalised mean used to add an expert,
   TimeExpert eq. 7);
@@ -12,15 +13,34 @@ Owns, as buffers (so they travel in ``state_dict`` and checkpoints):
   running activation rate ``type_rate`` = A_t, an EMA of "fraction of type-t tokens that fired
   expert e" that the TimeExpert gate reads (eq. 6).
 
-Communication: one ``all_reduce(SUM)`` per :meth:`RoutingRecords.update` over ``group`` (a process
-group that must cover ALL data-parallel and expert-parallel ranks that run this layer; ``None``
-means a single process and no communication). The local contributions are packed into ONE flat
-float64 buffer ``[type_expert_counts (num_types*E_max) | type_token_counts (num_types) |
-type_unrouted_counts (num_types) | unrouted_sum (H)]``, reduced once, unpacked, and only then
-applied; every derived quantity (totals, windows, R_E, the A_t EMA) is computed from the reduced
-numbers, so every rank holds bit-identical records and routes identically. Every rank of ``group``
-must call ``update`` the same number of times (each forward of the layer in training does).
-Float64 keeps counts exact up to 2**53 and makes the sums independent of the dtype of the hidden states.
+When records change: once per optimizer step, never inside a step. Each training forward of the
+router calls :meth:`RoutingRecords.accumulate`, which only adds this rank's contribution to a local
+flat float64 buffer ``pending`` (not persistent, no communication). After the optimizer step the
+trainer calls :meth:`RoutingRecords.finish_step` (through ``TimeExpertMoELayer.finish_step``), which
+does ONE ``all_reduce(SUM)`` of ``pending`` over ``group`` and only then updates totals, windows,
+R_E, R_S and the A_t EMA from the GLOBAL batch's numbers, and zeroes ``pending``. So every
+microbatch of a step routes with the A_t of the start of the step, A_t takes exactly one EMA step
+per optimizer step from the counts of the whole global batch, and neither depends on how the
+batch is split into microbatches and data-parallel ranks (layout invariance, DESIGN.md).
+
+Communication: one ``all_reduce(SUM)`` per :meth:`finish_step` over ``group`` (a process group that
+must cover ALL ranks holding distinct tokens of this layer: every data-parallel, expert-parallel
+and, with sequence parallelism, tensor-parallel rank of the pipeline stage; ``None`` means a single
+process and no communication). The flat buffer is ``[type_expert_counts (num_types*E_max) |
+type_token_counts (num_types) | type_unrouted_counts (num_types) | unrouted_sum (H)]``; every
+derived quantity is computed from the reduced numbers, so every rank holds bit-identical records
+and routes identically (DESIGN contract 3). Every rank of ``group`` must call ``finish_step`` at the
+same point (the number of forwards per rank in between does not matter). Float64 keeps counts
+exact up to 2**53 and makes the sums independent of the dtype of the hidden states.
+
+Activation recomputation: a forward that is run again in backward (megatron's recompute of a
+layer that contains the router) calls ``accumulate`` again, so the recomputed tokens are counted
+twice in that step's counts, totals, windows and R_S (for full recomputation of every microbatch:
+all counts of the step doubled, the per-type rates that feed A_t unchanged, as they are ratios).
+Routing itself is unaffected: A_t does not change within a step, so the recomputed forward routes
+exactly as the original one (with per-forward updates it would not, and its gradients would be
+those of a different routing). To keep counts exact under recomputation, keep the router outside
+the recomputed region.
 """
 
 from __future__ import annotations
@@ -41,9 +61,11 @@ class RoutingRecords(nn.Module):
         num_experts: E_max, the number of logical expert ids.
         hidden_size: H, the size of the token embeddings summed into R_S.
         num_types: number of token types (rows of A_t); defaults to every :class:`TokenType`.
-        rate_decay: EMA decay of A_t: ``A <- decay * A + (1 - decay) * batch_rate`` for each type
-            present in the (reduced) batch; a type's first observation initialises A_t directly.
-        group: process group over which updates are summed (all DP x EP ranks); None: no reduction.
+        rate_decay: EMA decay of A_t: ``A <- decay * A + (1 - decay) * batch_rate`` once per
+            :meth:`finish_step` for each type present in the (reduced, global) batch of the step; a
+            type's first observation initialises A_t directly.
+        group: process group over which :meth:`finish_step` sums the step's contributions (all ranks
+            of the stage holding distinct tokens); None: no reduction.
     """
 
     def __init__(
@@ -74,10 +96,14 @@ class RoutingRecords(nn.Module):
             self.register_buffer(f"{prefix}_type_unrouted", torch.zeros(num_types, dtype=f64))
             self.register_buffer(f"{prefix}_unrouted_sum", torch.zeros(hidden_size, dtype=f64))
             self.register_buffer(f"{prefix}_unrouted_count", torch.zeros((), dtype=f64))
+        # This rank's sums of the current step (accumulate), reduced and applied by finish_step.
+        # Not persistent: checkpoints are written between steps, when it is zero.
+        flat_size = num_types * num_experts + 2 * num_types + hidden_size
+        self.register_buffer("pending", torch.zeros(flat_size, dtype=f64), persistent=False)
 
-    # ------------------------------------------------------------------ update
+    # ------------------------------------------------------------------ accumulate and finish a step
     def local_contribution(self, fired: torch.Tensor, token_type: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """This rank's flat float64 buffer for one update (the layout in the module docstring)."""
+        """This rank's flat float64 buffer for one forward (the layout in the module docstring)."""
         nt = self.num_types
         fired = fired.detach().to(torch.float64)
         tt = token_type.detach().long()
@@ -92,8 +118,10 @@ class RoutingRecords(nn.Module):
         return torch.cat([type_counts.reshape(-1), type_tokens, type_unrouted, unrouted_sum]).reshape(-1)
 
     @torch.no_grad()
-    def update(self, fired: torch.Tensor, token_type: torch.Tensor, hidden: torch.Tensor) -> None:
-        """Add one forward's routing result (this rank's tokens), reduced over ``group``.
+    def accumulate(self, fired: torch.Tensor, token_type: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Add one forward's routing result (this rank's tokens) to the step's local ``pending`` sums.
+
+        No communication and no change to the records themselves: they change in :meth:`finish_step`.
 
         Args:
             fired: ``[T, E_max]`` bool, the experts each token fired by its own gate (before any
@@ -101,9 +129,21 @@ class RoutingRecords(nn.Module):
             token_type: ``[T]`` long token types.
             hidden: ``[T, H]`` the router's input embeddings (only the unrouted ones are summed).
         """
-        flat = self.local_contribution(fired, token_type, hidden).to(self.total_counts.device)
+        self.pending.add_(self.local_contribution(fired, token_type, hidden).to(self.pending.device))
+
+    @torch.no_grad()
+    def finish_step(self) -> None:
+        """Fold the step's accumulated forwards of ALL ranks of ``group`` into the records.
+
+        Collective: ONE ``all_reduce(SUM)`` of ``pending`` over ``group``; every rank of the group
+        must call it at the same point (ranks that ran no forward contribute zeros). Then, from the
+        reduced numbers: ``step += 1``, totals and windows grow, R_E and R_S update, and A_t takes one
+        EMA step per token type present in the global batch; ``pending`` is zeroed.
+        """
+        flat = self.pending.clone()
         if self.group is not None and dist.is_initialized() and dist.get_world_size(self.group) > 1:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        self.pending.zero_()
         self._absorb_reduced(flat)
 
     def _absorb_reduced(self, flat: torch.Tensor) -> None:

@@ -7,11 +7,14 @@ Both routers implement ``forward(hidden [T, H], token_type [T]) -> RouterOutput`
 :mod:`megatron_timeexpert.moe.types`) and put ``{"aux": ..., "z": ...}`` (already scaled) in
 ``losses``.
 
-Communication: none in the routing maths. In training (``module.training`` and
-``config.record_routing``) each forward calls ``records.update``: ONE ``all_reduce(SUM)`` of a flat
-float64 buffer over the records' group (all DP x EP ranks; see records.py), so every rank of that
-group must run the same number of router forwards. The router weights are replicated on every
-rank (their gradients are reduced like any other replicated parameter by the trainer).
+Communication: none in forward. In training (``module.training`` and ``config.record_routing``) each
+forward adds this rank's routing counts to ``records.pending`` (local, see records.py);
+:meth:`finish_step`, called once after every optimizer step by the trainer (through the MoE layer),
+does ONE ``all_reduce(SUM)`` of a flat float64 buffer over the records' group (all ranks of the
+stage holding distinct tokens) and updates the records and A_t from the global batch. So A_t is
+constant within a step: every microbatch routes with the A_t of the start of the step, whatever the
+number of microbatches per rank. The router weights are replicated on every rank (their gradients
+are reduced like any other replicated parameter by the trainer).
 
 TimeExpert gate (paper eq. 5-6)::
 
@@ -66,7 +69,8 @@ class RouterConfig:
     """Initial value of every learnable threshold G_e (DynMoE and eq. 7 use 0)."""
 
     rate_decay: float = 0.99
-    """EMA decay of the per-type activation rates A_t, in [0, 1); one EMA step per training forward."""
+    """EMA decay of the per-type activation rates A_t, in [0, 1); one EMA step per optimizer step
+    (:meth:`finish_step`), from the counts of the whole global batch."""
 
     token_types: tuple[str, ...] = ("visual", "text", "time", "score")
     """Token types present in this model (names of :class:`TokenType`, lower case); metrics are
@@ -106,7 +110,9 @@ class RouterConfig:
     """k of the top-k baseline (must not exceed the number of active experts)."""
 
     record_routing: bool = True
-    """Update the routing records (one all_reduce) in every training-mode forward."""
+    """Accumulate routing records in training-mode forwards (local) and fold them in at
+    ``finish_step`` (one all_reduce per optimizer step). False: records and A_t never change, and
+    ``finish_step`` does nothing (no communication)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -226,7 +232,16 @@ class _Router(nn.Module):
 
     def _record(self, fired: torch.Tensor, token_type: torch.Tensor, hidden: torch.Tensor) -> None:
         if self.training and self.config.record_routing:
-            self.records.update(fired, token_type, hidden)
+            self.records.accumulate(fired, token_type, hidden)
+
+    def finish_step(self) -> None:
+        """End of an optimizer step: fold the step's routing counts of all ranks into the records.
+
+        Collective over the records' group (one ``all_reduce``) when ``config.record_routing``; every
+        rank of that group must call it at the same point. Updates A_t for the next step's forwards.
+        """
+        if self.config.record_routing:
+            self.records.finish_step()
 
     def _metrics(self, fired: torch.Tensor, token_type: torch.Tensor, extra: dict[str, torch.Tensor]) -> dict:
         """Detached metrics of this rank's tokens, fetched to the host in one transfer."""
@@ -298,7 +313,7 @@ class TimeExpertRouter(_Router):
         cfg = self.config
         alpha = cfg.alpha
         active = self.active
-        type_rate = self.records.type_rate.clone()  # the A_t this step routes with (pre-update)
+        type_rate = self.records.type_rate.clone()  # A_t of the start of the step (changes only in finish_step)
         s = self.scores(hidden)
         logits = (s + alpha * type_rate[token_type.long()]) / (1.0 + alpha)
         g_thr = self.threshold.float()

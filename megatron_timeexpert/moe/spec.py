@@ -21,7 +21,8 @@ router config and layer options travel in ``params`` and the process groups come
   token types (sequence parallelism; no TP communication in the layer);
 - statistics group: ``get_tensor_and_data_parallel_group(with_context_parallel=True)`` - ALL ranks of
   this pipeline stage (TP x CP x DP; megatron folds EP inside it), over which the router's routing
-  records and ``pop_metrics`` are reduced, so every rank decides the same thing (DESIGN contract 3).
+  records (once per optimizer step, in ``finish_step``) and ``pop_metrics`` are reduced, so every
+  rank decides the same thing (DESIGN contract 3).
   With PP each stage has its own group and its own layers, so nothing crosses stages.
 
 Gradient reduction in megatron-core (checked in megatron/core/distributed/):

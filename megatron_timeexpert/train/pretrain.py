@@ -216,6 +216,11 @@ class Pretrainer:
             forward_only=False,
         )
         _, grad_norm, _ = self.optimizer.step()
+        # Routing records of our MoE layers: one all_reduce per layer over its stage, then A_t of the
+        # global batch for the next step (constant within a step, so independent of the layout).
+        for model in self.models:
+            for layer in _moe_layers(model):
+                layer.finish_step()
         self.scheduler.step(increment=1)
         self.state.step += 1
         self.state.consumed_samples += self.cfg.training.global_batch_size
