@@ -130,10 +130,19 @@ def bench_consumer(steps: int = 10) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(
             Path(__file__).resolve().parent.parent / "configs" / "tiny_moe.yaml",
-            ["parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "training.save_dir=null",
-             f"training.train_steps={steps}", "logging.progress_bar=false", "logging.wandb=false", "logging.tensorboard=false", "logging.log_interval=1",
-             f"logging.run_dir={tmp}"],
-        )  # fmt: skip
+            [
+                "parallel.tp=1",
+                "parallel.pp=1",
+                "parallel.ep=1",
+                "training.save_dir=null",
+                f"training.train_steps={steps}",
+                "logging.progress_bar=false",
+                "logging.wandb=false",
+                "logging.tensorboard=false",
+                "logging.log_interval=1",
+                f"logging.run_dir={tmp}",
+            ],
+        )
         result = run_distributed(run_pretrain_in_group, 1, args=(cfg,))[0]
     step_s = statistics.median(m["step_time_s"] for m in result.metrics[2:])
     return cfg.training.global_batch_size / step_s
