@@ -230,10 +230,11 @@ class Pretrainer:
         """Sum of token losses / tokens over the whole global batch, known to every rank."""
         from megatron.core import parallel_state as ps
 
-        totals = torch.zeros(2, dtype=torch.float64)
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # NCCL needs CUDA tensors
+        totals = torch.zeros(2, dtype=torch.float64, device=device)
         if reduced and ps.get_tensor_model_parallel_rank() == 0:
             for d in reduced:
-                totals += d["lm loss"].double().cpu()
+                totals += d["lm loss"].double().to(device)
         dist.all_reduce(totals)
         return float(totals[0] / totals[1])
 
