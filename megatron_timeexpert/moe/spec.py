@@ -72,6 +72,50 @@ class TimeExpertMoEMLP(TimeExpertMoELayer):
             tp_group=ps.get_tensor_model_parallel_group(),
             stats_group=stats,
         )
+        self.expert_dp_rank = ps.get_expert_data_parallel_rank()
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """Layout-independent distributed-checkpoint view of this layer (megatron dist_checkpointing).
+
+        Expert weights ``experts.w1 [slots_per_rank, ...]`` / ``experts.w2`` are this EP rank's block
+        of PHYSICAL slots ``[ep_rank * slots_per_rank, (ep_rank + 1) * slots_per_rank)`` of global
+        ``[E_max, ...]`` tensors (sharded on axis 0 over the EP group, replicated over the
+        expert-data-parallel group, main replica at expert-DP rank 0). Physical slot ids do not depend
+        on the EP size, and the placement map (logical -> physical, replicated like the router and
+        its records) travels with them, so a checkpoint written at one (TP, PP, EP) layout loads at
+        any other with every logical expert's weights (and, through the optimizer's param mapping,
+        its Adam state) in the slot the map names. Without this, megatron's default treats the
+        per-rank slot blocks as replicated tensors of shape ``[slots_per_rank, ...]``, which neither
+        saves the other ranks' experts nor loads at another EP size. Router, records and placement
+        are replicated over the stage (main replica at TP rank 0, DP rank 0).
+        """
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        out = {}
+        for name, child in self.named_children():
+            if name != "experts":
+                # Replicated over the stage. tp_group must be given: megatron's helper reads the TP
+                # rank from it only when it is passed alongside the metadata's dp_cp_group, and with
+                # rank 0 on every TP rank it would declare several main replicas of each tensor.
+                out.update(
+                    sharded_state_dict_default(
+                        child, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=self.tp_group
+                    )
+                )
+        axis = len(sharded_offsets)  # axis 0 of the slot tensors, after the prepended (layer) axes
+        ep_size = self.placement.ep_size
+        for name, param in self.experts.named_parameters():
+            key = f"{prefix}experts.{name}"
+            out[key] = ShardedTensor.from_rank_offsets(
+                key,
+                param,
+                *sharded_offsets,
+                (axis, self.ep_rank, ep_size),
+                replica_id=(0, 0, self.expert_dp_rank),
+                prepend_axis_num=axis,
+            )
+        return out
 
 
 def get_timeexpert_moe_spec(
