@@ -4,9 +4,10 @@ fails on this CUDA-less torch while every other shim is installed, and succeeds 
 values where that is cheap to check) once the shim is applied.
 
 Shims patch modules in-process and cannot be removed, so every scenario runs in freshly spawned
-interpreters through ``run_distributed``. Three spawns hold them all (to keep the file ~1 minute on 2
-cores): one process walks the single-rank shims in dependency order, two ranks walk the
-tensor-parallel, pipeline and checkpoint shims, and one process checks ``apply_cpu_shims`` itself.
+interpreters through ``run_distributed``. Four spawns hold them all (to keep the file under a minute on
+2 cores): one process walks the single-rank shims in dependency order, two ranks walk the
+tensor-parallel, pipeline and checkpoint shims, one process checks ``apply_cpu_shims`` itself, and two
+ranks show megatron's fully-parallel checkpoint load still failing with every shim (xfail).
 Each walk records, per shim, the error seen without it and the file of megatron-core that raised
 it, so a test can say exactly which code path needed which shim.
 
