@@ -314,7 +314,8 @@ SHIMS: tuple[Shim, ...] = (
     _module_torch_shim(
         "moe_utils_device",
         "megatron.core.transformer.moe.moe_utils",
-        "the MoE aux-loss tracker stores per-layer values in torch.zeros(..., device='cuda')",
+        "megatron's MoE metric logging (track_moe_metrics) pre-creates per-layer aux-loss values with "
+        "torch.zeros(..., device='cuda'); our trainer does not call it, user code built on megatron's may",
     ),
     _module_torch_shim(
         "tp_layers_device",
@@ -340,11 +341,6 @@ SHIMS: tuple[Shim, ...] = (
         "checkpoint_finalize_device",
         "megatron.core.dist_checkpointing.strategies.state_dict_saver",
         "finishing a checkpoint save all-reduces its failure flag in a tensor on torch.cuda.current_device()",
-    ),
-    _module_torch_shim(
-        "checkpoint_exchange_device",
-        "megatron.core.dist_checkpointing.exchange_utils",
-        "loading exchanges shards through torch.empty(..., device='cuda') buffers",
     ),
     Shim(
         "router_gemm_without_te",
