@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import pickle
 import queue
+import signal
 import socket
 import time
 import traceback
@@ -55,6 +56,9 @@ class _ChildSpec:
 
 
 def _child(rank: int, spec: _ChildSpec, results: Any) -> None:
+    # Own process group: the parent can then kill this rank together with anything it started
+    # (megatron's checkpoint writer starts a multiprocessing manager) instead of orphaning it.
+    os.setpgrp()
     os.environ.update(spec.env)
     os.environ.update(
         {
@@ -145,19 +149,36 @@ def run_distributed(
                 outs[rank] = pickle.loads(payload)
             else:
                 errors[rank] = payload
-                # One failing rank usually leaves the others blocked in a collective: stop early.
+                # One failing rank usually leaves the others blocked in a collective, or failing on the
+                # broken connection before the culprit's report arrives: collect what else comes in a
+                # short grace period, then stop, so the root cause is in the message.
+                settle = time.monotonic() + 3.0
+                while time.monotonic() < settle and len(outs) + len(errors) < world_size:
+                    try:
+                        rank, status, payload = results.get(timeout=0.2)
+                    except queue.Empty:
+                        continue
+                    if status == "ok":
+                        outs[rank] = pickle.loads(payload)
+                    else:
+                        errors[rank] = payload
                 break
         if errors:
             raise DistributedRunError(f"{getattr(fn, '__name__', fn)} failed" + _format_errors(errors))
         return [outs[r] for r in range(world_size)]
     finally:
+        # On success the ranks are already leaving: let them run their exit handlers (which shut
+        # down helper processes such as multiprocessing managers). Then kill each rank's whole
+        # process group so nothing outlives the run holding our stdout open.
+        grace = time.monotonic() + (30.0 if len(outs) == world_size else 0.0)
         for p in procs:
-            if p.is_alive():
-                p.terminate()
+            p.join(timeout=max(0.0, grace - time.monotonic()))
         for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
             p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
 
 
 def _format_errors(errors: dict[int, str]) -> str:

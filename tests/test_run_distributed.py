@@ -45,4 +45,4 @@ def test_timeout_names_missing_ranks():
     t0 = time.monotonic()
     with pytest.raises(DistributedRunError, match=r"timed out after 8s; ranks \[0\] did not finish"):
         run_distributed(_rank0_hangs, 2, timeout=8)
-    assert time.monotonic() - t0 < 40
+    assert time.monotonic() - t0 < 60, "the timeout did not stop the run (8 s plus process start-up)"
