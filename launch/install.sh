@@ -12,15 +12,16 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+# pip install, quiet, without this machine's "Location ... is ignored" index warnings; keeps pip's status.
+pipq() { python -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; return "${PIPESTATUS[0]}"; }
+pipq --upgrade pip
 if ! python -c "import torch" 2>/dev/null; then
   # On CPU machines this resolves to the local CPU build; on GPU machines to the CUDA build.
-  python -m pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
+  pipq torch==2.13.0
 fi
-python -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+pipq -e ".[dev]"
 if [ "${WITH_DALI:-1}" = "1" ] && ! python -c "import nvidia.dali" 2>/dev/null; then
-  python -m pip install -q nvidia-dali-cuda120 2>&1 | grep -v "^WARNING: Location" \
-    || echo "install.sh: NVIDIA DALI did not install; the DALI decoder tests will be skipped"
+  pipq nvidia-dali-cuda120 || echo "install.sh: NVIDIA DALI did not install; the DALI decoder tests will be skipped"
 fi
 python - <<'PY'
 import importlib.util, torch
