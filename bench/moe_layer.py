@@ -84,8 +84,9 @@ def _build(impl: str, a: BenchArgs, ep: int):
         from megatron_timeexpert.moe.router import RouterConfig
         from megatron_timeexpert.moe.spec import get_timeexpert_moe_spec
 
-        # The top-k router does not route with its records; like megatron's router it need not reduce
-        # them ("ours"). "ours_records" keeps the per-forward records all_reduce the TimeExpert router needs.
+        # The top-k router does not route with its records; like megatron's router it need not keep
+        # them ("ours"). "ours_records" keeps them: accumulated in forward, one all_reduce per step in
+        # finish_step(), as the TimeExpert router needs.
         records = impl == "ours_records"
         router = RouterConfig(router_type="topk", num_experts=a.experts, topk=a.topk, record_routing=records)
         return build_module(get_timeexpert_moe_spec(router, reduce_metrics=False), config=TransformerConfig(**common))
@@ -105,6 +106,8 @@ def _build(impl: str, a: BenchArgs, ep: int):
 def _step(layer, x: torch.Tensor) -> None:
     out, _ = layer(x)
     out.sum().backward()
+    if hasattr(layer, "finish_step"):  # our layer: reduce the step's routing records (one all_reduce)
+        layer.finish_step()
 
 
 def _bench_child(a: BenchArgs) -> dict:
@@ -178,8 +181,9 @@ def report(a: BenchArgs, results: dict[int, list[dict]], command: str) -> str:
         "",
         f"Per rank: {a.tokens} tokens, H={a.hidden}, expert FFN={a.ffn} (gelu), E={a.experts}, top-{a.topk} softmax "
         "routers on both sides (equal mean experts per token). `ours`: `record_routing=False` (the top-k router does "
-        "not route with its records); `ours_records`: plus the router's per-forward all_reduce of routing records "
-        "(what the TimeExpert router needs). fp32, gloo, one process per EP rank. Time: forward + "
+        "not route with its records); `ours_records`: plus the routing records, accumulated in forward and "
+        "reduced by one all_reduce per step in `finish_step` (what the TimeExpert router needs; counted here). "
+        "fp32, gloo, one process per EP rank. Time: forward + "
         f"backward of one layer, slowest rank, median of {a.iters}. Bytes: sent to other ranks per rank and step "
         "(forward + backward, every collective the layer calls, from the torch profiler).",
         "",
