@@ -31,3 +31,26 @@ def tiny_config(tmp_path, tp: int, pp: int, ep: int, *overrides: str) -> Config:
 def train(cfg: Config, world: int, env: dict[str, str] | None = None, timeout: float = 240) -> RunResult:
     """Run the loop on ``world`` gloo ranks; rank 0's result."""
     return run_distributed(run_pretrain_in_group, world, args=(cfg,), env=env, timeout=timeout)[0]
+
+
+def init_checkpoint(tmp_path, *overrides: str) -> str:
+    """Random initial weights written by ONE process at (1,1,1) (``train_steps=0``): the common
+    starting point that layout-invariance tests load into every layout."""
+    cfg = tiny_config(tmp_path, 1, 1, 1, *overrides, "training.train_steps=0", f"training.save_dir={tmp_path / 'ckpt'}")
+    result = train(cfg, 1)
+    assert result.checkpoint and result.checkpoint.endswith("iter_0000000")
+    return result.checkpoint
+
+
+def from_checkpoint(tmp_path, ckpt: str, tp: int, pp: int, ep: int, steps: int, *overrides: str) -> Config:
+    """The tiny recipe at a layout, starting from the weights of ``ckpt`` (fresh optimizer, step 0)."""
+    return tiny_config(
+        tmp_path,
+        tp,
+        pp,
+        ep,
+        *overrides,
+        f"training.train_steps={steps}",
+        f"training.load_dir={ckpt}",
+        "training.finetune=true",
+    )

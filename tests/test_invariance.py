@@ -24,7 +24,7 @@ import shutil
 
 import pytest
 
-from tests.dist_runs import tiny_config, train
+from tests.dist_runs import from_checkpoint, init_checkpoint, tiny_config, train
 
 pytestmark = pytest.mark.slow
 
@@ -35,24 +35,11 @@ RTOL = 2e-5
 @pytest.fixture(scope="module")
 def init_ckpt(tmp_path_factory):
     """Random initial weights written once by a single process at layout (1,1,1)."""
-    tmp = tmp_path_factory.mktemp("init")
-    cfg = tiny_config(tmp, 1, 1, 1, "training.train_steps=0", f"training.save_dir={tmp / 'ckpt'}")
-    result = train(cfg, 1)
-    assert result.checkpoint and result.checkpoint.endswith("iter_0000000")
-    return result.checkpoint
+    return init_checkpoint(tmp_path_factory.mktemp("init"))
 
 
 def _from_init(tmp_path, init_ckpt, tp, pp, ep):
-    return tiny_config(
-        tmp_path,
-        tp,
-        pp,
-        ep,
-        f"training.train_steps={STEPS}",
-        f"training.load_dir={init_ckpt}",
-        "training.finetune=true",
-        "moe.aux_loss_coeff=0.0",
-    )
+    return from_checkpoint(tmp_path, init_ckpt, tp, pp, ep, STEPS, "moe.aux_loss_coeff=0.0")
 
 
 @pytest.fixture(scope="module")

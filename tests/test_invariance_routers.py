@@ -36,7 +36,7 @@ import math
 
 import pytest
 
-from tests.dist_runs import tiny_config, train
+from tests.dist_runs import from_checkpoint, init_checkpoint, tiny_config, train
 
 pytestmark = pytest.mark.slow
 
@@ -52,26 +52,11 @@ def _router_overrides(router: str) -> list[str]:
 
 def _init_ckpt(tmp, router: str) -> str:
     """Random initial weights (and empty routing records) written by one process at (1,1,1)."""
-    cfg = tiny_config(
-        tmp, 1, 1, 1, f"moe.router={router}", "training.train_steps=0", f"training.save_dir={tmp / 'ckpt'}"
-    )
-    result = train(cfg, 1)
-    assert result.checkpoint and result.checkpoint.endswith("iter_0000000")
-    return result.checkpoint
+    return init_checkpoint(tmp, f"moe.router={router}")
 
 
 def _from_init(tmp, init_ckpt: str, router: str, tp: int, pp: int, ep: int):
-    return tiny_config(
-        tmp,
-        tp,
-        pp,
-        ep,
-        *_router_overrides(router),
-        f"training.train_steps={STEPS}",
-        f"training.load_dir={init_ckpt}",
-        "training.finetune=true",
-        "logging.log_interval=1",
-    )
+    return from_checkpoint(tmp, init_ckpt, tp, pp, ep, STEPS, *_router_overrides(router), "logging.log_interval=1")
 
 
 @pytest.fixture(scope="module")
