@@ -87,8 +87,7 @@ def _build_layer(tp: int, router: torch.nn.Module, router_kind: str, groups: dic
         assert p.allreduce is False
     for p in layer.router.parameters():
         assert getattr(p, "sequence_parallel", False) is (tp > 1)
-    # Only the experts go to float64: RoutingRecords defines its own ``_apply`` (shadowing
-    # nn.Module._apply), so ``.double()`` / ``.to()`` on a production router raises.
+    # Only the experts go to float64; the router keeps the dtype of the reference's router.
     layer.experts.double()
     return layer
 

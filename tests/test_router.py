@@ -328,3 +328,14 @@ def test_empty_batch_and_bf16_input(router_type):
     ref = r.eval()(x, tt)
     low = r(x.bfloat16(), tt)
     assert low.probs.dtype == torch.float32 and low.routing_map.shape == ref.routing_map.shape
+
+
+def test_router_moves_like_any_module():
+    """``.to()`` / ``.double()`` reach the router's parameters and its records' buffers (a method of
+    the records once shadowed ``nn.Module._apply`` and made both raise)."""
+    from megatron_timeexpert.moe.router import RouterConfig
+
+    router = RouterConfig(num_experts=4).build(8).double()
+    assert router.weight.dtype == torch.float64
+    assert all(b.dtype in (torch.float64, torch.bool, torch.long, torch.int64) for b in router.buffers())
+    router.to("cpu")
