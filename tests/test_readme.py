@@ -33,6 +33,15 @@ def test_main_recipe_is_the_promised_layout():
     cfg.validate(world_size=4)
 
 
+def test_every_recipe_loads_and_fits_four_processes():
+    from megatron_timeexpert.config import load_config
+
+    recipes = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(recipes) >= 2
+    for path in recipes:
+        load_config(path).validate(world_size=4)
+
+
 def test_cpu_doc_lists_every_shim():
     from parallel.cpu_compat import SHIMS
 
