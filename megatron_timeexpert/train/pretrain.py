@@ -302,8 +302,8 @@ class Pretrainer:
                         bar.write(format_line(self.state.step, t.train_steps, metrics))
                         sink.log(self.state.step, metrics)
                         result.metrics.append(metrics)
-                else:
-                    self._moe_metrics()
+                # Between logging steps the MoE layers keep accumulating: the logged values are
+                # averages over the whole logging interval (no collective on the other steps).
                 if t.save_dir and t.save_interval and self.state.step % t.save_interval == 0:
                     result.checkpoint = str(self.save())
             if t.save_dir and (
