@@ -121,31 +121,12 @@ def bench_loader(out: Path, batches: int, repeat: int) -> list[dict]:
 
 def bench_consumer(steps: int = 10) -> float:
     """Samples/s the tiny recipe's trainer consumes on one process (median step, warm-up dropped)."""
-    import statistics
-
+    from bench.throughput import RECIPE, measure
     from megatron_timeexpert.config import load_config
-    from megatron_timeexpert.train.pretrain import run_pretrain_in_group
-    from parallel.testing import run_distributed
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(
-            Path(__file__).resolve().parent.parent / "configs" / "tiny_moe.yaml",
-            [
-                "parallel.tp=1",
-                "parallel.pp=1",
-                "parallel.ep=1",
-                "training.save_dir=null",
-                f"training.train_steps={steps}",
-                "logging.progress_bar=false",
-                "logging.wandb=false",
-                "logging.tensorboard=false",
-                "logging.log_interval=1",
-                f"logging.run_dir={tmp}",
-            ],
-        )
-        result = run_distributed(run_pretrain_in_group, 1, args=(cfg,))[0]
-    step_s = statistics.median(m["step_time_s"] for m in result.metrics[2:])
-    return cfg.training.global_batch_size / step_s
+        step_s = measure(1, 1, 1, 1, steps, warmup=2, run_dir=tmp)["step_time_s"]
+    return load_config(RECIPE).training.global_batch_size / step_s
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,10 +53,15 @@ def _setup_logging(rank: int) -> None:
 
 def _relaunch(nproc: int, argv: list[str]) -> int:
     """Re-run this command under torchrun with ``nproc`` local processes."""
-    args = [a for a in argv if not a.startswith("--nproc")]
-    if "--nproc" in argv:  # "--nproc N" as two tokens
-        i = argv.index("--nproc")
-        args = argv[:i] + argv[i + 2 :]
+    args = []
+    skip_value = False
+    for a in argv:  # drop "--nproc N" and "--nproc=N"
+        if skip_value:
+            skip_value = False
+        elif a == "--nproc":
+            skip_value = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
     cmd += ["--master-port", os.environ.get("MASTER_PORT", "29531"), "-m", "megatron_timeexpert.cli", *args]
     print(f"timeexpert: launching {nproc} processes: {' '.join(cmd)}", flush=True)

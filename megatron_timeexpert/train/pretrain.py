@@ -187,9 +187,8 @@ class Pretrainer:
             if path is None and self.rank == 0:
                 log.info("resume: no complete checkpoint in %s, starting from scratch", t.save_dir)
         if path is None and t.load_dir:
-            path = Path(t.load_dir)
-            if ckpt.latest_checkpoint(path) is not None:  # a save_dir was given: take its newest
-                path = ckpt.latest_checkpoint(path)
+            # A save_dir was given: take its newest checkpoint; otherwise the folder is one.
+            path = ckpt.latest_checkpoint(t.load_dir) or Path(t.load_dir)
             if t.finetune:
                 ckpt.load_checkpoint(path, self.models)
                 return
