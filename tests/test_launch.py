@@ -1,0 +1,75 @@
+"""Launch pieces that need no scheduler: layout fitting for smaller relaunches, launcher precedence,
+the collective-timeout setting, the pre-emption flag agreed over ranks, and the scripts' syntax."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from launch.fit_layout import fit_overrides
+from megatron_timeexpert.config import ConfigError, load_config
+from parallel.env import discover
+from parallel.testing import run_distributed
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_fit_layout_shrinks_expert_parallelism_only_when_needed():
+    cfg = load_config(ROOT / "configs/tiny_timeexpert.yaml", ["parallel.tp=1", "parallel.pp=1", "parallel.ep=4"])
+    assert fit_overrides(cfg, 4) == []
+    assert fit_overrides(cfg, 2) == ["parallel.ep=2"]
+    assert fit_overrides(cfg, 1) == ["parallel.ep=1"]
+    with pytest.raises(ConfigError, match="tp\\*pp"):
+        fit_overrides(load_config(ROOT / "configs/tiny_timeexpert.yaml"), 2)  # TP2 x PP2 needs 4 ranks
+
+
+def test_mpi_variables_win_over_the_batch_shells_slurm_ones():
+    # mpirun inside an sbatch job: every rank inherits SLURM_PROCID=0 from the batch shell.
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "n[1-2]", "MASTER_ADDR": "10.0.0.1"}
+    e = discover({**env, "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4"})
+    assert (e.rank, e.world_size, e.launcher, e.master_addr) == (3, 4, "mpi", "10.0.0.1")
+    assert discover(env).launcher == "slurm"
+
+
+def test_collective_timeout_is_a_validated_setting():
+    cfg = load_config(ROOT / "configs/tiny_moe.yaml", ["parallel.collective_timeout_s=45"])
+    assert cfg.parallel.collective_timeout_s == 45.0
+    with pytest.raises(ConfigError, match="collective_timeout_s"):
+        load_config(ROOT / "configs/tiny_moe.yaml", ["parallel.collective_timeout_s=0"]).validate(4)
+
+
+def _signal_on_rank_1() -> tuple[bool, bool, int | None]:
+    import torch.distributed as dist
+
+    from megatron_timeexpert.train.fault import StepGuard
+
+    guard = StepGuard(timeout_s=30).start()
+    try:
+        first = guard.should_stop(1)
+        if dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)  # only one rank gets the pre-emption signal
+        second = guard.should_stop(2)
+        return first, second, guard.stopped_at
+    finally:
+        guard.close()
+
+
+def test_preemption_signal_on_one_rank_stops_every_rank_after_the_same_step():
+    assert run_distributed(_signal_on_rank_1, 2, timeout=120) == [(False, True, 2), (False, True, 2)]
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "launch/slurm_pretrain.sh",
+        "launch/pretrain_1node.sbatch",
+        "launch/pretrain_multinode.sbatch",
+        "launch/mpirun.sh",
+    ],
+)
+def test_launch_scripts_parse(script):
+    subprocess.run(["bash", "-n", str(ROOT / script)], check=True, timeout=30)
