@@ -1,7 +1,7 @@
 """The MPI launch for real, and a job that survives a dead rank.
 
 All runs are the CLI (``python -m megatron_timeexpert.cli pretrain``) in separate OS processes, on the
-tiny TimeExpert recipe at TP=1 PP=1 EP=4 (DP=4) with 6 steps, one rank per process:
+tiny TimeExpert recipe at TP=1 PP=1 EP=4 (DP=4) with 5 steps, one rank per process:
 
 1. ``launch/mpirun.sh`` with ``mpirun -np 4 --oversubscribe --allow-run-as-root``: ranks come from
    Open MPI's variables. Its losses are the uninterrupted reference for the runs below.
@@ -10,7 +10,7 @@ tiny TimeExpert recipe at TP=1 PP=1 EP=4 (DP=4) with 6 steps, one rank per proce
    (fault injection). Every other rank must exit non-zero within the stated bound
    (``collective_timeout_s`` + the StepGuard's exit grace + its diagnosis window) with an error naming
    step 3 and rank 2.
-3. Relaunch on 4 processes with ``--resume``: starts at step 2 and the losses of steps 3..6 equal the
+3. Relaunch on 4 processes with ``--resume``: starts at step 2 and the losses of steps 3..5 equal the
    uninterrupted run's bit for bit.
 4. Relaunch on 2 processes (EP 4 -> 2, expert slots re-spread two per rank) from the same step-2
    checkpoint: the expert set (active mask, placement map) is the one saved, the losses match the
@@ -37,7 +37,7 @@ from megatron_timeexpert.train.fault import KILL_AT_STEP_ENV
 from parallel.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = 6
+STEPS = 5
 TIMEOUT_S = 20.0  # parallel.collective_timeout_s of these runs
 BOUND_S = TIMEOUT_S + 15.0 + 1.5 + 5.0  # timeout + exit grace + diagnosis + slack for a loaded machine
 RUN_LIMIT_S = 300
@@ -52,7 +52,7 @@ def _args(tmp: Path, *extra: str) -> list[str]:
         "parallel.ep=4",
         f"parallel.collective_timeout_s={TIMEOUT_S}",
         f"training.train_steps={STEPS}",
-        "training.save_interval=2",
+        "training.save_interval=0",  # only the final save; the killed run saves every 2 steps
         f"training.save_dir={tmp / 'ckpt'}",
         f"logging.run_dir={tmp / 'run'}",
         "logging.log_interval=1",
@@ -161,11 +161,11 @@ def reference(tmp_path_factory) -> Reference:
     when mpirun is absent, so that the fault tests still run; the MPI test then skips)."""
     tmp = tmp_path_factory.mktemp("mpi")
     if shutil.which("mpirun") is None:
-        _ok(launch_ranks(4, _args(tmp), tmp))
+        _ok(launch_ranks(4, _args(tmp, "training.save_dir=null"), tmp))
         return Reference(_losses(tmp), None)
     env = {**_base_env(), "NP": "4", "MPIRUN_ARGS": "--oversubscribe --allow-run-as-root", "PYTHON": sys.executable}
     proc = subprocess.run(
-        ["bash", "launch/mpirun.sh", *_args(tmp)],
+        ["bash", "launch/mpirun.sh", *_args(tmp, "training.save_dir=null")],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -182,14 +182,15 @@ def reference(tmp_path_factory) -> Reference:
 def test_mpirun_launch(reference):
     log = reference.mpi_log
     assert "mpi launch, world 4" in log, "ranks must come from Open MPI's environment"
-    assert "timeexpert: finished 6 steps" in log
+    assert f"timeexpert: finished {STEPS} steps" in log
     assert sorted(reference.losses) == list(range(1, STEPS + 1))
 
 
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory) -> tuple[Path, list[RankExit]]:
     tmp = tmp_path_factory.mktemp("killed")
-    return tmp, launch_ranks(4, _args(tmp), tmp, env={KILL_AT_STEP_ENV: "2:3:0.05"})
+    args = _args(tmp, "training.save_interval=2")
+    return tmp, launch_ranks(4, args, tmp, env={KILL_AT_STEP_ENV: "2:3:0.05"})
 
 
 @pytest.mark.slow
