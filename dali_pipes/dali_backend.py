@@ -4,7 +4,9 @@ One small pipeline per thread (DALI pipelines are not thread-safe) takes the enc
 and the indices of the frames wanted, decodes them with ``fn.decoders.video`` and, when a
 :class:`~dali_pipes.transform.TransformConfig` is given, resizes the shorter side, centre-crops and
 normalises on the same device. Frame indices are in presentation order, so the timestamp of each
-returned frame is the presentation time the container gives that frame (``VideoInfo.pts``).
+returned frame is the probe's time of that frame (``VideoInfo.pts``, seconds from the first shown
+frame). That holds only where DALI counts the same frames as the probe; :mod:`dali_pipes.decoder`
+checks it per kind of file before trusting DALI (it does not, for instance, on MP4 edit lists).
 
 DALI's CPU decoder handles VP8, VP9 and MJPEG only; the mixed (GPU) decoder adds H.264, HEVC,
 AV1 and MPEG-4. :mod:`dali_pipes.decoder` routes each codec to a backend that can decode it.
@@ -93,7 +95,20 @@ class DaliDecoder:
         return p
 
     def decode(self, info: VideoInfo, indices: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        """Frames (uint8 ``[N,H,W,3]`` without a transform, float ``[N,3,S,S]`` with one) and their times."""
+        """Frames (uint8 ``[N,H,W,3]`` without a transform, float ``[N,3,S,S]`` with one) and their times.
+
+        Frames come in stored orientation (the caller applies the display rotation); an index outside
+        the shown frames is an error here, whatever DALI would return for it.
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and (indices.min() < 0 or indices.max() >= info.num_frames):
+            raise errors.VideoError(
+                info.path, errors.CORRUPT, f"{self.name}: frame {int(indices.max())} of {info.num_frames} requested"
+            )
+        return self.run(info, indices), info.pts[indices]
+
+    def run(self, info: VideoInfo, indices: np.ndarray) -> torch.Tensor:
+        """DALI's frames at ``indices`` as DALI counts them (no check against the probe's frame list)."""
         pipe = self._pipeline()
         data = np.fromfile(info.path, dtype=np.uint8)
         try:
@@ -114,4 +129,4 @@ class DaliDecoder:
             feed_ndarray(out[0], frames, cuda_stream=torch.cuda.current_stream(self.device_id))
         else:
             frames = torch.from_numpy(np.array(out.at(0)))
-        return frames, info.pts[np.asarray(indices)]
+        return frames

@@ -10,11 +10,20 @@ presentation time of each) whatever backend did the work:
 The choice is made per codec the first time it is seen and logged once, e.g.
 ``decoder backend for h264: pyav (fallback: DALI CPU decoder cannot decode h264)``.
 If a DALI decode fails on a file that probed fine, the file is retried with PyAV (logged as a warning).
+
+Guard (``backend="auto"``): DALI is trusted for a kind of file - (codec, container, edit list or
+not, start offset or not) - only after it decoded the first file of that kind exactly like PyAV:
+the same pictures at the first, middle and last shown frame, and an error one frame past the end (so
+it counts the same frames). On any disagreement that kind goes to PyAV and a warning says why.
+
+Every backend returns frames as a player shows them (the display rotation applied) with times in
+seconds from the first shown frame (see :mod:`dali_pipes.probe`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,7 +33,7 @@ import torch
 from dali_pipes import dali_backend, errors, pyav_backend
 from dali_pipes.probe import SUPPORTED_CODECS, VideoInfo, probe
 from dali_pipes.sampling import SamplingConfig, select_frames
-from dali_pipes.transform import TransformConfig, apply_transform
+from dali_pipes.transform import TransformConfig, apply_transform, rotate
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,10 @@ class DecoderConfig:
     """Decoder threads per video (PyAV) or per pipeline (DALI)."""
     seek_threshold_s: float = 2.0
     """PyAV seeks (to the keyframe before) when the next wanted frame is further ahead than this."""
+    verify_dali: bool = True
+    """With ``backend="auto"``, cross-check DALI against PyAV on the first file of each kind (see module docstring)."""
+    verify_tolerance: float = 12.0
+    """Largest mean absolute difference (0..255 grey levels) between a DALI and a PyAV frame that still agrees."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -60,9 +73,9 @@ class DecodedClip:
     path: str
     """The video file."""
     frames: torch.Tensor
-    """float32 ``[N, 3, S, S]`` after the transform, or uint8 ``[N, H, W, 3]`` without one."""
+    """float32 ``[N, 3, S, S]`` after the transform, or uint8 ``[N, H, W, 3]`` without one; upright (as shown)."""
     timestamps: torch.Tensor
-    """float64 ``[N]``: the presentation time (seconds from the video start) of each frame."""
+    """float64 ``[N]``: the presentation time of each frame, seconds from the first shown frame."""
     duration: float
     """Seconds covered by the video's frames."""
     backend: str
@@ -80,6 +93,8 @@ class VideoDecoder:
         self._cuda = torch.cuda.is_available()
         self._dali: dict[str, dali_backend.DaliDecoder] = {}
         self._chosen: dict[str, str] = {}
+        self._kinds: dict[tuple, str] = {}  # cross-checked kinds of file -> backend
+        self._lock = threading.Lock()
         self._check_forced_backend()
 
     def _check_forced_backend(self) -> None:
@@ -118,33 +133,94 @@ class VideoDecoder:
             return "dali-cpu", f"DALI {self._dali_version} CPU decoder; {why}"
         return "pyav", f"fallback: DALI CPU decoder cannot decode {codec}" + ("" if self._cuda else " and no CUDA")
 
-    def _dali_decoder(self, backend: str) -> dali_backend.DaliDecoder:
-        if backend not in self._dali:
-            device = backend[5:]
-            self._dali[backend] = dali_backend.DaliDecoder(
-                device, self.cfg.transform, self.cfg.device_id, num_threads=self.cfg.threads
-            )
-        return self._dali[backend]
+    def _dali_decoder(self, backend: str, raw: bool = False) -> dali_backend.DaliDecoder:
+        key = f"{backend}:raw" if raw else backend
+        with self._lock:
+            if key not in self._dali:
+                self._dali[key] = dali_backend.DaliDecoder(
+                    backend[5:], None if raw else self.cfg.transform, self.cfg.device_id, num_threads=self.cfg.threads
+                )
+            return self._dali[key]
+
+    def _checked(self, backend: str, info: VideoInfo) -> str:
+        """``backend`` if DALI agreed with PyAV on the first file of this kind, else ``pyav`` (logged once)."""
+        kind = (info.codec, info.container, info.edit_list, info.start_pts != 0)
+        with self._lock:
+            known = self._kinds.get(kind)
+        if known is not None:
+            return known
+        problem = self._cross_check(backend, info)
+        what = f"{info.codec} in {info.container}" + (" with an edit list" if info.edit_list else "")
+        what += " with a start offset" if info.start_pts != 0 else ""
+        if problem is None:
+            log.info("decoder backend for %s: %s (agrees with pyav on %s)", what, backend, info.path)
+            verdict = backend
+        else:
+            log.warning("decoder backend for %s: pyav (fallback: %s disagrees with pyav on %s: %s)",
+                        what, backend, info.path, problem)  # fmt: skip
+            verdict = "pyav"
+        with self._lock:
+            self._kinds[kind] = verdict
+        return verdict
+
+    def _cross_check(self, backend: str, info: VideoInfo) -> str | None:
+        """None if DALI decodes ``info`` like PyAV (same pictures, same frame count), else what differs."""
+        n = info.num_frames
+        idx = np.unique(np.array([0, n // 2, n - 1], dtype=np.int64))
+        dali = self._dali_decoder(backend, raw=True)
+        try:
+            got = dali.run(info, idx)
+        except errors.VideoError as exc:
+            return f"it failed on frames {idx.tolist()}: {exc.detail}"
+        try:
+            dali.run(info, np.array([n]))
+            return f"it decodes a frame past the {n} frames shown (it counts frames the player never shows)"
+        except errors.VideoError:
+            pass  # as it should: frame n does not exist
+        ref, _ = pyav_backend.decode_frames(info, idx, threads=self.cfg.threads)
+        got = got.cpu().numpy()
+        if got.shape != ref.shape:
+            return f"frames of shape {got.shape[1:]} instead of {ref.shape[1:]}"
+        diff = np.abs(got.astype(np.float32) - ref.astype(np.float32)).mean(axis=(1, 2, 3))
+        worst = int(np.argmax(diff))
+        if diff[worst] > self.cfg.verify_tolerance:
+            return f"frame {int(idx[worst])} differs by {diff[worst]:.1f} grey levels on average"
+        return None
 
     def probe(self, path: str) -> VideoInfo:
         """Container facts and frame times of ``path`` (raises :class:`~dali_pipes.errors.VideoError`)."""
         return probe(path, SUPPORTED_CODECS)
 
-    def read(self, path: str, timestamps: Sequence[float] | None = None, info: VideoInfo | None = None) -> DecodedClip:
-        """Decode the sampled frames of ``path``; ``timestamps`` are the wanted times in ``timestamps`` mode."""
+    def read(
+        self,
+        path: str,
+        timestamps: Sequence[float] | None = None,
+        info: VideoInfo | None = None,
+        deadline: float | None = None,
+    ) -> DecodedClip:
+        """Decode the sampled frames of ``path``; ``timestamps`` are the wanted times in ``timestamps`` mode.
+
+        ``deadline`` (a ``time.monotonic()`` value) ends a PyAV decode that runs past it with
+        ``decode_timeout``; DALI runs inside one C++ call, so the loader enforces its deadline there.
+        """
         info = info or self.probe(path)
         indices = select_frames(self.cfg.sampling, info.pts, info.duration, timestamps)
         backend = self.backend_for(info.codec, info.path)
+        if backend.startswith("dali") and self.cfg.backend == "auto" and self.cfg.verify_dali:
+            backend = self._checked(backend, info)
         if backend.startswith("dali"):
             try:
                 frames, times = self._dali_decoder(backend).decode(info, indices)
+                frames = rotate(frames, info.rotation, channels_first=self.cfg.transform is not None)
                 return self._clip(info, frames, times, backend)
             except errors.VideoError as exc:
                 log.warning("%s failed on %s (%s); retrying with pyav", backend, path, exc.detail)
         frames_np, times = pyav_backend.decode_frames(
-            info, indices, threads=self.cfg.threads, seek_threshold_s=self.cfg.seek_threshold_s
+            info, indices, threads=self.cfg.threads, seek_threshold_s=self.cfg.seek_threshold_s, deadline=deadline
         )
-        frames = apply_transform(frames_np, self.cfg.transform) if self.cfg.transform else torch.from_numpy(frames_np)
+        frames = rotate(torch.from_numpy(frames_np), info.rotation, channels_first=False)
+        if self.cfg.transform:
+            frames = apply_transform(frames, self.cfg.transform)
         return self._clip(info, frames, times, "pyav")
 
     @staticmethod

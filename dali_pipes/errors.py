@@ -22,8 +22,10 @@ NO_VIDEO = "no_video_stream"
 UNSUPPORTED_CODEC = "unsupported_codec"
 #: Decoding produced no frame at all.
 NO_FRAMES = "no_frames"
+#: Decoding one sample took longer than its deadline (a hang, or a pathological file).
+TIMEOUT = "decode_timeout"
 
-REASONS = (MISSING, EMPTY, CORRUPT, TRUNCATED, NO_VIDEO, UNSUPPORTED_CODEC, NO_FRAMES)
+REASONS = (MISSING, EMPTY, CORRUPT, TRUNCATED, NO_VIDEO, UNSUPPORTED_CODEC, NO_FRAMES, TIMEOUT)
 
 
 class VideoError(Exception):

@@ -50,3 +50,12 @@ def apply_transform(frames: np.ndarray | torch.Tensor, cfg: TransformConfig) -> 
     mean = torch.tensor(cfg.mean, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std, dtype=x.dtype).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous()
+
+
+def rotate(frames: torch.Tensor, rotation: int, channels_first: bool) -> torch.Tensor:
+    """Turn frames by their display rotation (degrees anticlockwise, a multiple of 90) so they come
+    out as a player shows them; ``[N, H, W, C]`` or, with ``channels_first``, ``[N, C, H, W]``."""
+    k = (rotation // 90) % 4
+    if k == 0:
+        return frames
+    return torch.rot90(frames, k, dims=(2, 3) if channels_first else (1, 2)).contiguous()
