@@ -15,6 +15,8 @@ tiny TimeExpert recipe at TP=1 PP=1 EP=4 (DP=4) with 5 steps, one rank per proce
 4. Relaunch on 2 processes (EP 4 -> 2, expert slots re-spread two per rank) from the same step-2
    checkpoint: the expert set (active mask, placement map) is the one saved, the losses match the
    uninterrupted run to float tolerance (a different layout reorders sums) and keep falling.
+5. A HUNG rank (SIGSTOP mid-step, 2 processes, timeout 8 s): its sockets stay open, so only the
+   collective timeout ends the survivor's wait; the error still names the step and the rank.
 """
 
 from __future__ import annotations
@@ -83,11 +85,16 @@ class RankExit:
     at_s: float
     """Seconds after the launch when the process was seen to end."""
     log: str
+    end_wall: float
+    """Wall-clock time (epoch s) when the process was seen to end."""
 
 
-def launch_ranks(world: int, args: list[str], tmp: Path, env: dict[str, str] | None = None) -> list[RankExit]:
+def launch_ranks(
+    world: int, args: list[str], tmp: Path, env: dict[str, str] | None = None, wait_for: set[int] | None = None
+) -> list[RankExit]:
     """Start ``world`` CLI processes joined through RANK/WORLD_SIZE (like srun: no agent that kills the
-    others when one dies); wait for all, killing every process group on RUN_LIMIT_S."""
+    others when one dies); wait for the ranks in ``wait_for`` (default all), then SIGKILL every process
+    group still alive (also on RUN_LIMIT_S)."""
     tmp.mkdir(parents=True, exist_ok=True)
     port = str(free_port())
     procs, logs = [], []
@@ -102,23 +109,26 @@ def launch_ranks(world: int, args: list[str], tmp: Path, env: dict[str, str] | N
         )
         logs.append(log)
     ended: dict[int, float] = {}
+    walls: dict[int, float] = {}
+    wait_for = set(range(world)) if wait_for is None else wait_for
     try:
-        while len(ended) < world:
+        while not wait_for <= set(ended):
             for r, p in enumerate(procs):
                 if r not in ended and p.poll() is not None:
-                    ended[r] = time.monotonic() - t0
+                    ended[r], walls[r] = time.monotonic() - t0, time.time()
             if time.monotonic() - t0 > RUN_LIMIT_S:
                 raise TimeoutError(f"ranks {sorted(set(range(world)) - set(ended))} still running after {RUN_LIMIT_S}s")
             time.sleep(0.1)
     finally:
-        for p in procs:
+        for r, p in enumerate(procs):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=10)
+                ended[r], walls[r] = time.monotonic() - t0, time.time()
         for log in logs:
             log.close()
     return [
-        RankExit(r, p.returncode, ended[r], (tmp / f"rank{r}.log").read_text(errors="replace"))
+        RankExit(r, p.returncode, ended[r], (tmp / f"rank{r}.log").read_text(errors="replace"), walls[r])
         for r, p in enumerate(procs)
     ]
 
@@ -238,3 +248,28 @@ def test_relaunch_on_fewer_ranks_keeps_experts_and_trains(killed, reference, tmp
     assert keys, sorted(before)[:20]
     for k in keys:
         assert torch.equal(before[k], after[k]), k
+
+
+def _logged_at(log: str, needle: str) -> float:
+    """Wall-clock time (epoch s, 1 s resolution) of the first log line containing ``needle``."""
+    line = next(line for line in log.splitlines() if needle in line)
+    h, m, sec = (int(x) for x in line.split()[0].split(":"))
+    now = time.localtime()
+    return time.mktime((now.tm_year, now.tm_mon, now.tm_mday, h, m, sec, 0, 0, -1))
+
+
+@pytest.mark.slow
+def test_hung_rank_is_bounded_by_the_collective_timeout(tmp_path):
+    """A rank frozen mid-step (SIGSTOP: its connections stay open, so only the collective timeout can
+    end the others' wait): the survivor fails after about the timeout, naming the step and the rank."""
+    timeout_s = 8.0
+    args = [*_args(tmp_path, "parallel.ep=2", f"parallel.collective_timeout_s={timeout_s}"), "training.save_dir=null"]
+    exits = launch_ranks(2, args, tmp_path, env={KILL_AT_STEP_ENV: "1:2:0.05:STOP"}, wait_for={0})
+    survivor, frozen = exits
+    assert survivor.code != 0, survivor.log[-3000:]
+    assert "step 2 (training step) failed" in survivor.log, survivor.log[-3000:]
+    assert "rank(s) [1] stopped responding" in survivor.log, survivor.log[-3000:]
+    waited = survivor.end_wall - _logged_at(frozen.log, "fault injection: SIGSTOP")
+    bound = timeout_s + 15.0 + 1.5 + 5.0
+    print(f"rank 0 exited with {survivor.code} {waited:.1f}s after rank 1 froze (timeout {timeout_s:.0f}s)")
+    assert timeout_s - 1.5 <= waited < bound, f"waited {waited:.1f}s; expected the {timeout_s:.0f}s timeout to end it"

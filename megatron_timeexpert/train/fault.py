@@ -24,8 +24,9 @@ It owns:
   missing. A timer then hard-exits the process if it has not ended ``exit_grace_s`` later (a torn-down
   group can block in destructors), so a survivor ends within ``collective_timeout_s + exit_grace_s``
   plus the diagnosis window (``3 * heartbeat_s``) after the rank died.
-- **Fault injection** for tests: ``TIMEEXPERT_FAULT_KILL_AT_STEP=RANK:STEP[:DELAY_S]`` makes that rank
-  SIGKILL itself ``DELAY_S`` seconds (default 0.2) after step ``STEP`` begins, i.e. mid-step.
+- **Fault injection** for tests: ``TIMEEXPERT_FAULT_KILL_AT_STEP=RANK:STEP[:DELAY_S[:SIGNAL]]`` makes that
+  rank send itself ``SIGNAL`` (default KILL; STOP freezes it: a hung rather than a dead rank)
+  ``DELAY_S`` seconds (default 0.2) after step ``STEP`` begins, i.e. mid-step.
 
 Communication: the per-step flag all-reduce; store traffic (one ``add`` per heartbeat) outside the
 process groups.
@@ -83,7 +84,7 @@ class StepGuard:
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
         self._store_addr: tuple[str, int] | None = None
-        self._kill_step, self._kill_delay = self._parse_kill_env()
+        self._kill_step, self._kill_delay, self._kill_signal = self._parse_kill_env()
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -116,7 +117,7 @@ class StepGuard:
     def step(self, step: int) -> Iterator[None]:
         """Run one step; a failing collective becomes :class:`RankFailureError` naming ``step``."""
         if self._kill_step == step:
-            _kill_later(self._kill_delay, self.rank, step)
+            _kill_later(self._kill_delay, self._kill_signal, self.rank, step)
         try:
             yield
         except (RuntimeError, dist.DistError) as e:
@@ -186,14 +187,13 @@ class StepGuard:
             # The store went away (its host died or the job is ending): nothing to beat for.
             log.debug("heartbeat of rank %d stopped: %s", self.rank, e)
 
-    def _parse_kill_env(self) -> tuple[int | None, float]:
+    def _parse_kill_env(self) -> tuple[int | None, float, signal.Signals]:
         spec = os.environ.get(KILL_AT_STEP_ENV)
-        if not spec:
-            return None, 0.0
-        parts = spec.split(":")
-        if int(parts[0]) != self.rank:
-            return None, 0.0
-        return int(parts[1]), float(parts[2]) if len(parts) > 2 else 0.2
+        parts = spec.split(":") if spec else []
+        if not parts or int(parts[0]) != self.rank:
+            return None, 0.0, signal.SIGKILL
+        delay = float(parts[2]) if len(parts) > 2 else 0.2
+        return int(parts[1]), delay, signal.Signals[f"SIG{parts[3]}"] if len(parts) > 3 else signal.SIGKILL
 
 
 def _store_address() -> tuple[str, int] | None:
@@ -213,10 +213,10 @@ def _client(host: str, port: int, timeout_s: float) -> dist.TCPStore:
     )
 
 
-def _kill_later(delay_s: float, rank: int, step: int) -> None:
+def _kill_later(delay_s: float, sig: signal.Signals, rank: int, step: int) -> None:
     def kill() -> None:
-        log.error("fault injection: SIGKILL to rank %d %.2fs into step %d", rank, delay_s, step)
-        os.kill(os.getpid(), signal.SIGKILL)
+        log.error("fault injection: %s to rank %d %.2fs into step %d", sig.name, rank, delay_s, step)
+        os.kill(os.getpid(), sig)
 
     threading.Timer(delay_s, kill).start()
 
