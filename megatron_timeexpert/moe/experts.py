@@ -41,6 +41,24 @@ class ExpertsConfig:
     """dtype of the expert weights."""
 
 
+def mark_expert_parallel(param: torch.Tensor) -> None:
+    """Give a slot tensor the attributes megatron-core gives its own expert weights.
+
+    - ``allreduce = False``: ``DistributedDataParallel`` puts it in the expert-parallel buffers,
+      reduced over the expert-data-parallel group, and ``get_megatron_optimizer`` puts it in the
+      expert optimizer, whose gradient norm is reduced over the expert model-parallel group;
+    - ``tensor_model_parallel = True`` (``partition_dim`` 0, stride 1, as megatron's expert linears
+      carry with expert-TP = 1): each rank's slots are distinct tensors, not copies held by every
+      TP rank. Without it megatron's norm filter (``param_is_not_tensor_parallel_duplicate``) counts
+      the slots only on dense-TP rank 0, so at TP > 1 the global gradient norm misses the experts of
+      every other TP rank and clipping scales by a wrong factor.
+    """
+    param.allreduce = False
+    param.tensor_model_parallel = True
+    param.partition_dim = 0
+    param.partition_stride = 1
+
+
 class SlotExperts(nn.Module):
     """All experts of one EP rank; computes every local expert each received token fired.
 
@@ -58,7 +76,7 @@ class SlotExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(shape1, dtype=config.params_dtype))
         self.w2 = nn.Parameter(torch.empty(shape2, dtype=config.params_dtype))
         for p in (self.w1, self.w2):
-            p.allreduce = False  # megatron DDP: reduce over the expert-data-parallel group
+            mark_expert_parallel(p)
 
     @torch.no_grad()
     def init_slot(self, slot: int, seed: int) -> None:
