@@ -37,7 +37,7 @@ def test_charades_sta_sample(root):
     assert s[0].events[0].start == 24.3 and s[0].events[0].end == 30.4 and s[0].duration == 31.5
     assert s[0].video == str(root / "3MSZA.mp4") and s[0].source.endswith("charades_sta_sample.txt:1")
     assert {x.task for x in s} == {Task.MOMENT_RETRIEVAL} and len(s) == 4
-    assert bad.summary() == {"good": 4, "bad/total": 0}
+    assert bad.summary() == {"read": 4, "good": 0, "skipped": 0, "bad/total": 0}  # good: decoded, none yet
 
 
 def test_qvhighlights_sample(root):
@@ -89,7 +89,7 @@ GOOD_CH = "3MSZA 1.0 2.0##one.\n9KJZV 3.0 4.0##two.\n"
 CHARADES_BAD = {
     "start_after_end": ("AO8RW 9.0 2.0##backwards.\n", 3),
     "nan_time": ("AO8RW nan 2.0##not a number.\n", 3),
-    "time_beyond_duration": ("AO8RW 10.0 25.0##past the end.\n", 3),
+    "time_beyond_duration": ("AO8RW 21.0 25.0##starts past the end.\n", 3),  # an end alone is clamped
     "unknown_video": ("NOSUCH 1.0 2.0##who?\n", 3),
     "malformed_line": ("AO8RW 1.0 2.0 no separator\n", 3),
     "non_utf8": (b"AO8RW 1.0 2.0##caf\xe9 au lait\n", 3),
@@ -135,10 +135,10 @@ def test_qvhighlights_bad_line_skipped_and_counted(tmp_path, root, reason):
     bad = BadInputs("skip")
     s = read_annotations("qvhighlights", path, cfg(root), bad)
     assert [x.sample_id for x in s] == [
-        "qvhighlights:1:mr",
-        "qvhighlights:1:hd",
-        "qvhighlights:2:mr",
-        "qvhighlights:2:hd",
+        "qvhighlights:qv:1:mr",
+        "qvhighlights:qv:1:hd",
+        "qvhighlights:qv:2:mr",
+        "qvhighlights:qv:2:hd",
     ]
     assert bad.summary()[f"bad/{reason}"] == 1 and bad.total == 1 and bad.examples[0].where == "2"
     with pytest.raises(DataError, match=rf"qv\.jsonl:2: {reason}"):
@@ -159,7 +159,7 @@ def test_end_slightly_past_duration_is_clamped_and_counted(tmp_path, root):
     bad = BadInputs()
     (s,) = read_annotations("activitynet", path, cfg(root), bad)
     assert s.events[1].end == 82.73
-    assert bad.summary() == {"good": 1, "bad/total": 0, "repaired/clamped_time": 1}
+    assert bad.summary() == {"read": 1, "good": 0, "skipped": 0, "bad/total": 0, "repaired/clamped_time": 1}
 
 
 def test_activitynet_bad_entries(tmp_path, root):
@@ -172,7 +172,7 @@ def test_activitynet_bad_entries(tmp_path, root):
     path = _write(tmp_path, "anet.json", json.dumps(doc))
     bad = BadInputs()
     s = read_annotations("activitynet", path, cfg(root), bad)
-    assert [x.sample_id for x in s] == ["activitynet:v_QOlSCBRmfWY"]
+    assert [x.sample_id for x in s] == ["activitynet:anet:v_QOlSCBRmfWY"]
     summary = bad.summary()
     assert (summary["bad/start_after_end"], summary["bad/unknown_video"], summary["bad/malformed_line"]) == (1, 1, 1)
     assert {b.where for b in bad.examples} == {"v_ehGHCYKzyZ8", "v_unknown", "AO8RW"}
@@ -183,7 +183,7 @@ def test_youcook2_non_utf8_entry(tmp_path, root):
     path = _write(tmp_path, "yc2.json", raw)
     bad = BadInputs()
     s = read_annotations("youcook2", path, cfg(root), bad)
-    assert [x.sample_id for x in s] == ["youcook2:GLd3aX16zBg"]
+    assert [x.sample_id for x in s] == ["youcook2:yc2:GLd3aX16zBg"]
     assert bad.summary()["bad/non_utf8"] == 1 and bad.examples[0].where == "xHr8X2Wpmno"
     line = raw[: raw.index(b"\xe8")].count(b"\n") + 1
     with pytest.raises(DataError, match=rf"yc2\.json:{line}: non_utf8"):
@@ -218,9 +218,11 @@ def test_instruction_bad_entries(tmp_path, root):
     path = _write(tmp_path, "inst.json", json.dumps(entries))
     bad = BadInputs()
     s = read_annotations("instruction", path, cfg(root), bad)
-    assert [x.sample_id for x in s] == ["instruction:entry 0", "instruction:entry 5"]
+    assert [x.sample_id for x in s] == ["instruction:inst:entry 0", "instruction:inst:entry 5"]
     assert bad.summary() == {
-        "good": 2,
+        "read": 2,
+        "good": 0,
+        "skipped": 4,
         "bad/total": 4,
         "bad/malformed_line": 2,
         "bad/missing_field": 1,
@@ -228,3 +230,53 @@ def test_instruction_bad_entries(tmp_path, root):
     }
     with pytest.raises(DataError, match=r"inst\.json:entry 1: malformed_line"):
         read_annotations("instruction", path, cfg(root), BadInputs("fail"))
+
+
+# ---- real annotation files: every valid query is read (issue 8) -----------------------------------
+
+
+def test_charades_ends_past_the_video_are_clamped_and_counted_not_dropped(tmp_path, root):
+    """Official Charades-STA files have ends up to ~1.5 s past the video; standard loaders clamp them."""
+    text = "AO8RW 10.0 21.4##ends 1.4 s late.\nAO8RW 3.0 4.0##fine.\nAO8RW 20.5 22.0##starts after the end.\n"
+    path = _write(tmp_path, "ch.txt", text)
+    bad = BadInputs()
+    s = read_annotations("charades_sta", path, cfg(root), bad)
+    assert [(x.query, x.events[0].end) for x in s] == [("ends 1.4 s late.", 20.0), ("fine.", 4.0)]
+    summary = bad.summary()
+    assert summary["repaired/clamped_time"] == 1 and summary["bad/time_beyond_duration"] == 1
+
+
+def test_qvhighlights_query_only_test_split_is_readable(tmp_path, root):
+    """The QVHighlights test release has no relevant_windows: its queries are what users predict for."""
+    lines = [json.dumps({"qid": q, "query": f"query {q}", "duration": 150, "vid": "3MSZA"}) for q in (7, 8)]
+    path = _write(tmp_path, "highlight_test_release.jsonl", "\n".join(lines) + "\n")
+    bad = BadInputs("fail")
+    s = read_annotations("qvhighlights", path, cfg(root), bad)
+    assert [(x.sample_id, x.query, x.events, x.task) for x in s] == [
+        ("qvhighlights:highlight_test_release:7:mr", "query 7", (), Task.MOMENT_RETRIEVAL),
+        ("qvhighlights:highlight_test_release:8:mr", "query 8", (), Task.MOMENT_RETRIEVAL),
+    ]
+    assert bad.summary()["read"] == 2 and bad.total == 0
+
+
+def test_one_bad_activitynet_segment_skips_only_that_segment(tmp_path, root):
+    doc = {"v_QOlSCBRmfWY": {"duration": 82.73, "timestamps": [[0.8, 19.8], [30, 20], [40, 50]],
+                             "sentences": ["a", "backwards", "c"]}}  # fmt: skip
+    path = _write(tmp_path, "anet.json", json.dumps(doc))
+    bad = BadInputs()
+    (s,) = read_annotations("activitynet", path, cfg(root), bad)
+    assert [e.caption for e in s.events] == ["a", "c"]
+    assert bad.summary()["bad/start_after_end"] == 1 and bad.total == 1
+    assert bad.examples[0].where == "v_QOlSCBRmfWY" and "segment 1" in bad.examples[0].detail
+
+
+def test_sample_ids_are_unique_across_files(tmp_path, root):
+    bad = BadInputs()
+    ch = [read_annotations("charades_sta", _write(tmp_path, f"charades_sta_{split}.txt", GOOD_CH), cfg(root), bad)
+          for split in ("train", "test")]  # fmt: skip
+    doc = {"v_QOlSCBRmfWY": {"duration": 82.73, "timestamps": [[0.8, 19.8]], "sentences": ["a"]}}
+    anet = [read_annotations("activitynet", _write(tmp_path, f"{split}.json", json.dumps(doc)), cfg(root), bad)
+            for split in ("val_1", "val_2")]  # fmt: skip
+    ids = [x.sample_id for group in ch + anet for x in group]
+    assert len(ids) == len(set(ids)) == 6
+    assert ids[0] == "charades_sta:charades_sta_train:1" and ids[-1] == "activitynet:val_2:v_QOlSCBRmfWY"

@@ -195,3 +195,71 @@ def test_shard_with_only_bad_videos_raises_instead_of_spinning(corpus):
     loader = VTGLoader(_decoder_dataset(samples, BadInputs()), LoaderConfig(batch_size=2))
     with pytest.raises(DataError, match="no usable sample in a whole shard"):
         next(iter(loader))
+
+
+# ---- bookkeeping: counters count inputs, good counts decoded, errors name files (issue 8) ----------
+
+
+def test_counters_count_bad_files_not_visits(corpus):
+    out, truth, bad_files = corpus
+    samples, good = _samples(out, truth, bad_files)
+    bad = BadInputs("skip")
+    ds = _decoder_dataset(samples, bad)
+    for _ in range(3):  # three epochs over the same files
+        for i in range(len(ds)):
+            ds.get(i)
+    summary = bad.summary()
+    assert summary["bad/missing_file"] == 1 and summary["bad/total"] == len(bad_files) + 1
+    assert summary["skipped"] == 3 * (len(bad_files) + 1)  # visits are counted apart, and say so
+    assert summary["good"] == len(good)  # each decoded sample once
+
+
+def test_good_counts_what_decoded_not_what_the_reader_accepted(corpus):
+    out, truth, bad_files = corpus
+    samples, good = _samples(out, truth, bad_files)
+    bad = BadInputs("skip")
+    bad.add_read(len(samples))  # what a reader would have counted: every sample it accepted
+    ds = _decoder_dataset(samples, bad)
+    assert bad.summary()["good"] == 0
+    ds.get(0)
+    assert bad.summary()["good"] == 1 and bad.summary()["read"] == len(samples)
+
+
+def test_charades_end_past_the_decoded_video_is_clamped_and_counted(corpus):
+    """Charades-STA has no duration: an end up to ~1.5 s past the video is clamped, not skipped."""
+    out, truth, _ = corpus
+    t = truth[0]
+    late = VTGSample("ch:1", str(out / t["file"]), None, Task.MOMENT_RETRIEVAL, "q",
+                     (Event(1.0, t["duration"] + 1.4),), "charades.txt:1")  # fmt: skip
+    after = VTGSample("ch:2", str(out / t["file"]), None, Task.MOMENT_RETRIEVAL, "q",
+                      (Event(t["duration"] + 1.0, t["duration"] + 2.0),), "charades.txt:2")  # fmt: skip
+    bad = BadInputs("skip")
+    ds = _decoder_dataset([late, after], bad)
+    item = ds.get(0)
+    assert item is not None and item.events[0].end == pytest.approx(probe(late.video).duration)
+    assert ds.get(1) is None  # an event that starts after the video ends is still skipped
+    summary = bad.summary()
+    assert summary["repaired/clamped_time"] == 1 and summary["bad/video_shorter_than_annotation"] == 1
+
+
+def test_batching_clips_of_different_sizes_names_the_files(corpus, tmp_path):
+    out, truth, _ = corpus
+    small = tmp_path / "small.mp4"
+    _encode(small, "libx264", n=40)  # 64x48
+    big = tmp_path / "big.mp4"
+    with av.open(str(big), "w") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 96, 64, "yuv420p"
+        for i in range(40):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 96, 3), i, np.uint8), format="rgb24")
+            frame.pts = i
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    samples = [VTGSample(f"s{i}", str(p), None, Task.MOMENT_RETRIEVAL, "q", (Event(0, 1),), f"a:{i}")
+               for i, p in enumerate([small, big])]  # fmt: skip
+    dec = VideoDecoder(DecoderConfig(sampling=SamplingConfig(num_frames=2), transform=None))
+    loader = VTGLoader(VTGDataset(samples, dec, BadInputs()), LoaderConfig(batch_size=2, shuffle=False))
+    with pytest.raises(DataError, match=r"big\.mp4.*small\.mp4.*transform"):
+        next(iter(loader))

@@ -17,6 +17,13 @@ Bad entries (non-UTF-8 text, malformed JSON lines, NaN or inverted times, times 
 duration, unknown video ids) go through :class:`~.stats.BadInputs`: skipped and counted, or a
 :class:`~.stats.DataError` under the fail policy. Problems only the user can fix (the file is
 missing, a whole-file JSON does not parse, the top level has the wrong shape) always raise.
+
+Sample ids are ``<reader>:<annotation file stem>:<key>`` (key: line number, qid, video id or entry),
+so they stay unique when several files (train/val/test, ActivityNet val_1 and val_2) are combined.
+A dense-caption segment that is bad is skipped alone; the video's other events are kept.
+QVHighlights lines without ``relevant_windows`` (the test release) become query-only samples
+(no events) for prediction. Charades-STA ends past the video are clamped, not skipped (see
+:mod:`.dataset`; with ``ReaderConfig.durations`` the reader clamps them).
 """
 
 from __future__ import annotations
@@ -141,9 +148,19 @@ def _time(value: Any, file: str, where: str, field: str, bad: BadInputs) -> floa
 
 
 def _span(
-    pair: Any, duration: float | None, file: str, where: str, field: str, cfg: ReaderConfig, bad: BadInputs
+    pair: Any,
+    duration: float | None,
+    file: str,
+    where: str,
+    field: str,
+    cfg: ReaderConfig,
+    bad: BadInputs,
+    clamp_any: bool = False,
 ) -> tuple[float, float]:
-    """A checked ``(start, end)``: numbers, finite, 0 <= start <= end <= duration (+ tolerance, clamped)."""
+    """A checked ``(start, end)``: numbers, finite, 0 <= start <= end <= duration (+ tolerance, clamped).
+
+    ``clamp_any``: clamp an end however far past the duration (Charades-STA), as long as the start is within it.
+    """
     if not isinstance(pair, list | tuple) or len(pair) != 2:
         bad.report(S.MALFORMED_LINE, file, where, f"{field} is {pair!r}, not [start, end]")
         raise _Skip
@@ -156,7 +173,7 @@ def _span(
         bad.report(S.TIME_BEYOND_DURATION, file, where, f"{field} starts before 0: [{s}, {e}]")
         raise _Skip
     if duration is not None:
-        if s > duration or e > duration + cfg.time_tolerance:
+        if s > duration or (e > duration + cfg.time_tolerance and not clamp_any):
             bad.report(S.TIME_BEYOND_DURATION, file, where, f"{field} = [{s}, {e}] but duration is {duration}")
             raise _Skip
         if e > duration:
@@ -194,7 +211,7 @@ def _field(entry: dict, name: str, file: str, where: str, bad: BadInputs) -> Any
 def _finish(samples: list[VTGSample], path: Path, bad: BadInputs) -> list[VTGSample]:
     if not samples:
         raise DataError(f"{path}: no usable sample (skipped: {bad.summary()}); is this the right format?")
-    bad.add_good(len(samples))
+    bad.add_read(len(samples))
     return samples
 
 
@@ -214,10 +231,10 @@ def read_charades_sta(path: str | Path, cfg: ReaderConfig, bad: BadInputs) -> li
             vid = parts[0]
             duration = (cfg.durations or {}).get(vid)
             video = _video(vid, file, str(n), cfg, bad)
-            s, e = _span(parts[1:], duration, file, str(n), "start/end", cfg, bad)
+            s, e = _span(parts[1:], duration, file, str(n), "start/end", cfg, bad, clamp_any=True)
             out.append(
                 VTGSample(
-                    f"charades_sta:{n}", video, duration, Task.MOMENT_RETRIEVAL, sentence.strip(),
+                    f"charades_sta:{path.stem}:{n}", video, duration, Task.MOMENT_RETRIEVAL, sentence.strip(),
                     (Event(s, e),), f"{file}:{n}", "charades_sta",
                 )
             )  # fmt: skip
@@ -242,6 +259,12 @@ def read_qvhighlights(path: str | Path, cfg: ReaderConfig, bad: BadInputs) -> li
             query = _field(entry, "query", file, where, bad)
             duration = _duration(_field(entry, "duration", file, where, bad), file, where, bad)
             video = _video(_field(entry, "vid", file, where, bad), file, where, cfg, bad)
+            if isinstance(entry, dict) and "relevant_windows" not in entry:
+                # A query-only line (the QVHighlights test release): a sample to predict for, no targets.
+                base = dict(video=video, duration=duration, query=str(query), source=f"{file}:{n}")
+                out.append(VTGSample(f"qvhighlights:{path.stem}:{qid}:mr", task=Task.MOMENT_RETRIEVAL, events=(),
+                                     dataset="qvhighlights", **base))  # fmt: skip
+                continue
             windows = _field(entry, "relevant_windows", file, where, bad)
             if not isinstance(windows, list) or not windows:
                 bad.report(S.MISSING_FIELD, file, n, "relevant_windows is empty")
@@ -266,13 +289,15 @@ def read_qvhighlights(path: str | Path, cfg: ReaderConfig, bad: BadInputs) -> li
         base = dict(video=video, duration=duration, query=str(query), source=f"{file}:{n}", dataset="qvhighlights")
         out.append(
             VTGSample(
-                f"qvhighlights:{qid}:mr",
+                f"qvhighlights:{path.stem}:{qid}:mr",
                 task=Task.MOMENT_RETRIEVAL,
                 events=tuple(Event(s, e) for s, e in spans),
                 **base,
             )
         )
-        out.append(VTGSample(f"qvhighlights:{qid}:hd", task=Task.HIGHLIGHT_DETECTION, events=tuple(hl), **base))
+        out.append(
+            VTGSample(f"qvhighlights:{path.stem}:{qid}:hd", task=Task.HIGHLIGHT_DETECTION, events=tuple(hl), **base)
+        )
     return _finish(out, path, bad)
 
 
@@ -287,19 +312,24 @@ def _caption_entries(name: str, path: Path, table: dict, cfg: ReaderConfig, bad:
                 continue
             duration = _duration(_field(entry, "duration", file, where, bad), file, where, bad)
             video = _video(vid, file, where, cfg, bad)
-            events = []
+            events, dropped = [], 0
             for i, (span, sentence) in enumerate(pairs(entry, file, where)):
-                s, e = _span(span, duration, file, where, f"segment {i}", cfg, bad)
+                try:
+                    s, e = _span(span, duration, file, where, f"segment {i}", cfg, bad)
+                except _Skip:
+                    dropped += 1  # reported; only this segment is lost
+                    continue
                 events.append(Event(s, e, caption=str(sentence).strip()))
         except _Skip:
             continue
         if not events:
-            bad.report(S.MISSING_FIELD, file, where, "no events")
+            if not dropped:
+                bad.report(S.MISSING_FIELD, file, where, "no events")
             continue
         events.sort(key=lambda ev: (ev.start, ev.end))
         out.append(
             VTGSample(
-                f"{name}:{vid}", video, duration, Task.DENSE_CAPTIONING,
+                f"{name}:{path.stem}:{vid}", video, duration, Task.DENSE_CAPTIONING,
                 "Localize every event in the video and describe it.", tuple(events), f"{file}:{vid}", name,
             )
         )  # fmt: skip
@@ -409,7 +439,7 @@ def read_instruction(path: str | Path, cfg: ReaderConfig, bad: BadInputs) -> lis
         query = human[0].replace("<video>", "").strip()
         out.append(
             VTGSample(
-                f"instruction:{where}", video, duration, task, query, tuple(events), f"{file}:{where}",
+                f"instruction:{path.stem}:{where}", video, duration, task, query, tuple(events), f"{file}:{where}",
                 "instruction", answer=gpt[0] if gpt else None,
             )
         )  # fmt: skip

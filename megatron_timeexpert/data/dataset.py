@@ -6,10 +6,16 @@ corrupt, truncated, of an unsupported codec, or shorter than its annotation says
 reported to :class:`~.stats.BadInputs` with the video, the annotation line and the reason (or
 raises under the fail policy). Probe results are cached per video (bounded LRU), so a video shared
 by many samples is demuxed once.
+
+Formats without a duration (Charades-STA) are checked against the decoded video: an end past the
+video's last frame is clamped to the video's duration and counted as ``repaired/clamped_time`` (the
+official Charades-STA files have thousands of ends up to ~1.5 s past the video, and the standard
+loaders clamp them); only an event that starts after the video ends is skipped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import OrderedDict
@@ -95,19 +101,19 @@ class VTGDataset:
             raise cached
         return cached
 
-    def get(self, index: int) -> FrameSample | None:
-        """Decode sample ``index``; None (reported) when its video is unusable."""
+    def get(self, index: int, deadline: float | None = None) -> FrameSample | None:
+        """Decode sample ``index``; None (reported) when its video is unusable.
+
+        ``deadline`` (a ``time.monotonic()`` value) is passed to the decoder, which gives up with
+        ``decode_timeout`` where it can (PyAV); the loader enforces it everywhere else.
+        """
         sample = self.samples[index]
         try:
             info = self._info(sample.video)
-            claimed = max([sample.duration or 0.0] + [ev.end for ev in sample.events])
-            if claimed > info.duration + self.time_tolerance:
-                self.bad.report(
-                    S.VIDEO_SHORTER, sample.video, "",
-                    f"video lasts {info.duration:.2f}s, annotation {sample.source} needs {claimed:.2f}s",
-                )  # fmt: skip
+            sample = self._check_times(sample, info.duration)
+            if sample is None:
                 return None
-            clip = self.decoder.read(sample.video, info=info)
+            clip = self.decoder.read(sample.video, info=info, deadline=deadline)
         except VideoError as exc:
             detail = "; ".join(x for x in (exc.detail, f"annotation {sample.source}") if x)
             self.bad.report(exc.reason, exc.path or sample.video, "", detail)
@@ -120,4 +126,31 @@ class VTGDataset:
                 S.DECODE_ERROR, sample.video, "", f"{type(exc).__name__}: {exc}; annotation {sample.source}"
             )
             return None
+        self.bad.add_good(sample.sample_id)
         return FrameSample(sample, clip.frames, clip.timestamps, clip.duration, clip.backend)
+
+    def _check_times(self, sample: VTGSample, video_duration: float) -> VTGSample | None:
+        """The sample if its times fit the video; with ends clamped where the format has no duration; else None."""
+        if sample.duration is None:
+            if any(ev.start > video_duration for ev in sample.events):
+                late = max(ev.start for ev in sample.events)
+                self.bad.report(
+                    S.VIDEO_SHORTER, sample.video, "",
+                    f"video lasts {video_duration:.2f}s, annotation {sample.source} starts an event at {late:.2f}s",
+                )  # fmt: skip
+                return None
+            if any(ev.end > video_duration for ev in sample.events):
+                events = tuple(dataclasses.replace(ev, end=min(ev.end, video_duration)) for ev in sample.events)
+                self.bad.note(
+                    S.CLAMPED_TIME, sample.source, "", f"event ends clamped to the video's {video_duration:.2f}s"
+                )
+                return dataclasses.replace(sample, events=events)
+            return sample
+        claimed = max([sample.duration] + [ev.end for ev in sample.events])
+        if claimed > video_duration + self.time_tolerance:
+            self.bad.report(
+                S.VIDEO_SHORTER, sample.video, "",
+                f"video lasts {video_duration:.2f}s, annotation {sample.source} needs {claimed:.2f}s",
+            )  # fmt: skip
+            return None
+        return sample

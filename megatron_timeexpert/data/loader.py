@@ -14,6 +14,11 @@ Prefetching: ``num_workers`` threads decode up to ``prefetch_batches`` batches a
 A sample whose video is bad is reported to :class:`~.stats.BadInputs` and replaced by the next
 position, so batches stay full; a shard with no usable sample at all raises
 :class:`~.stats.DataError`. ``wait_seconds`` is the time the consumer spent blocked on decoding.
+
+Deadline: decoding one sample may take at most ``decode_timeout_s`` once a thread has started it.
+Past that the sample is skipped and counted as ``decode_timeout`` with its file, the thread is
+replaced by a fresh one (:mod:`.workers`), and the run goes on with the next position; samples
+already decoding on other threads are kept. No wait in the loader is unbounded.
 """
 
 from __future__ import annotations
@@ -22,15 +27,16 @@ import math
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from megatron_timeexpert.data import stats as S
 from megatron_timeexpert.data.dataset import FrameSample, VTGDataset
 from megatron_timeexpert.data.stats import DataError
 from megatron_timeexpert.data.types import Event, Task
+from megatron_timeexpert.data.workers import TaskTimeout, WorkerPool
 
 
 @dataclass
@@ -51,8 +57,15 @@ class LoaderConfig:
     """Decoding threads."""
     prefetch_batches: int = 2
     """Batches decoded ahead of the consumer."""
+    decode_timeout_s: float = 120.0
+    """Hard limit (seconds) on decoding one sample once a thread has started it; past it the sample is
+    skipped and counted as ``decode_timeout`` (file named) and the thread is replaced."""
 
     def __post_init__(self) -> None:
+        if not self.decode_timeout_s > 0:
+            raise ValueError(
+                f"LoaderConfig.decode_timeout_s: must be > 0 (every wait is bounded), got {self.decode_timeout_s}"
+            )
         if self.batch_size < 1:
             raise ValueError(f"LoaderConfig.batch_size: must be >= 1, got {self.batch_size}")
         if not 0 <= self.dp_rank < self.dp_world:
@@ -89,6 +102,13 @@ def collate(items: list[FrameSample], position: dict) -> VTGBatch:
     """Stack samples into a :class:`VTGBatch`, padding frames and timestamps to the longest sample."""
     n = max(len(it.timestamps) for it in items)
     f0 = items[0].frames
+    for it in items[1:]:
+        if it.frames.shape[1:] != f0.shape[1:] or it.frames.dtype != f0.dtype:
+            raise DataError(
+                f"cannot batch frames of {it.sample.video} ({tuple(it.frames.shape[1:])}, {it.frames.dtype}) with "
+                f"those of {items[0].sample.video} ({tuple(f0.shape[1:])}, {f0.dtype}): videos of different sizes "
+                "need a transform (DecoderConfig.transform) or batch_size=1"
+            )
     frames = torch.zeros((len(items), n, *f0.shape[1:]), dtype=f0.dtype, device=f0.device)
     ts = torch.full((len(items), n), -1.0, dtype=torch.float64)
     mask = torch.zeros((len(items), n), dtype=torch.bool)
@@ -115,6 +135,7 @@ class VTGLoader:
         self._index = 0
         self.wait_seconds = 0.0
         self.samples_delivered = 0
+        self.workers_replaced = 0
 
     # ---- order and sharding ----
 
@@ -167,25 +188,45 @@ class VTGLoader:
                 yield epoch, i, int(shard[i])
             epoch, index = epoch + 1, 0
 
+    def _decode(self, index: int, deadline: float) -> FrameSample | None:
+        return self.dataset.get(index, deadline=deadline)
+
+    def _result(self, pool: WorkerPool, task, index: int) -> FrameSample | None:
+        """The decoded sample, or None after counting a ``decode_timeout`` (and replacing the thread)."""
+        try:
+            return task.wait()
+        except TaskTimeout as exc:
+            pool.abandon(task)
+            self.workers_replaced += 1
+            sample = self.dataset.samples[index]
+            self.dataset.bad.report(
+                S.DECODE_TIMEOUT, sample.video, "",
+                f"{exc} (deadline {self.cfg.decode_timeout_s}s), decode thread replaced; annotation {sample.source}",
+            )  # fmt: skip
+            return None
+
     def __iter__(self) -> Iterator[VTGBatch]:
         cfg = self.cfg
         window = cfg.batch_size * cfg.prefetch_batches
         positions = self._positions(self._epoch, self._index)
-        pool = ThreadPoolExecutor(cfg.num_workers, thread_name_prefix=f"vtg-loader-r{cfg.dp_rank}")
+        pool = WorkerPool(cfg.num_workers, f"vtg-loader-r{cfg.dp_rank}")
         pending: deque = deque()
+
+        def submit() -> None:
+            e, i, k = next(positions)
+            pending.append((e, i, k, pool.submit(self._decode, k, cfg.decode_timeout_s)))
+
         try:
             for _ in range(window):
-                e, i, k = next(positions)
-                pending.append((e, i, pool.submit(self.dataset.get, k)))
+                submit()
             batch: list[FrameSample] = []
             bad_streak = 0
             while True:
-                e, i, fut = pending.popleft()
+                e, i, k, task = pending.popleft()
                 t0 = time.perf_counter()
-                item = fut.result()
+                item = self._result(pool, task, k)
                 self.wait_seconds += time.perf_counter() - t0
-                ne, ni, nk = next(positions)
-                pending.append((ne, ni, pool.submit(self.dataset.get, nk)))
+                submit()
                 if item is None:
                     bad_streak += 1
                     if bad_streak >= self.shard_len:
@@ -203,13 +244,12 @@ class VTGLoader:
                     yield collate(batch, self.state_dict())
                     batch = []
         finally:
-            for _, _, fut in pending:
-                fut.cancel()
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown([task for *_, task in pending])
 
     def metrics(self) -> dict:
         """Bad-input counters plus loader counters, flat, for the trainer's metrics."""
         out = dict(self.dataset.bad.summary())
         out["loader/samples_delivered"] = self.samples_delivered
         out["loader/wait_seconds"] = round(self.wait_seconds, 4)
+        out["loader/workers_replaced"] = self.workers_replaced
         return out
