@@ -20,6 +20,9 @@ from megatron_timeexpert.data.types import Event, Task, VTGSample
 from parallel.testing import run_distributed
 from tools.make_synthetic_vtg import GeneratorConfig, generate
 
+# Every decode wait in the suite is bounded (DESIGN contract 8): a hang fails the test instead.
+pytestmark = pytest.mark.timeout(300)
+
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:

@@ -19,6 +19,9 @@ from megatron_timeexpert.data.stats import BadInputs
 from megatron_timeexpert.data.types import Task
 from tools.make_synthetic_vtg import COLOURS, Event, GeneratorConfig, VideoSpec, generate, main, render_frame
 
+# Every decode wait in the suite is bounded (DESIGN contract 8): a hang fails the test instead.
+pytestmark = pytest.mark.timeout(300)
+
 FILES = {
     "charades_sta": "charades_sta.txt",
     "qvhighlights": "qvhighlights.jsonl",

@@ -17,6 +17,9 @@ from megatron_timeexpert.data.stats import BadInputs, DataError
 from megatron_timeexpert.data.types import Event, Task, VTGSample
 from tools.make_synthetic_vtg import GeneratorConfig, generate
 
+# Every decode wait in the suite is bounded (DESIGN contract 8): a hang fails the test instead.
+pytestmark = pytest.mark.timeout(120)
+
 
 def _encode(path: Path, codec: str, n: int = 10, **container_options) -> None:
     with av.open(str(path), "w", options=container_options) as c:

@@ -17,6 +17,9 @@ from dali_pipes import DecoderConfig, SamplingConfig, TransformConfig, VideoDeco
 from dali_pipes.dali_backend import version as dali_version
 from tools.make_synthetic_vtg import GeneratorConfig, generate
 
+# Every decode wait in the suite is bounded (DESIGN contract 8): a hang fails the test instead.
+pytestmark = pytest.mark.timeout(120)
+
 HAS_DALI = dali_version() is not None
 needs_dali = pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI not installed")
 FPS = 10
