@@ -149,7 +149,8 @@ def probe(path: str | Path, supported_codecs: frozenset[str] = SUPPORTED_CODECS)
         width, height = stream.codec_context.width, stream.codec_context.height
         fmt = container.format.name
     first_pts, rotation = first if first is not None else (None, 0)
-    if missing_pts or not raw or (first is not None and first_pts is None):
+    by_decoding = missing_pts or not raw or (first is not None and first_pts is None)
+    if by_decoding:
         pts, start_pts = _decoded_pts(path)  # packets without times (some AVI/raw streams): the decoder's own
     else:
         # Without a decodable frame the coverage check below still tells a truncated file from a corrupt one.
@@ -167,7 +168,7 @@ def probe(path: str | Path, supported_codecs: frozenset[str] = SUPPORTED_CODECS)
         raise errors.VideoError(
             path, errors.TRUNCATED, f"frames cover {duration:.2f}s of the {header:.2f}s in the header"
         )
-    if first is None:
+    if first is None and not by_decoding:
         raise errors.VideoError(path, errors.CORRUPT, f"none of its {len(raw)} packets decodes to a frame")
     return VideoInfo(
         path, codec, width, height, pts, duration, header, start_pts, Fraction(tb), rotation, fmt, discarded
