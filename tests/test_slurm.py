@@ -4,8 +4,9 @@ A session-scoped cluster (tests/slurm_harness.py: slurmctld + two slurmd emulati
 CPUs each) runs three jobs of the tiny TimeExpert recipe at TP=2 PP=2 EP=2 on 2 nodes x 2 tasks:
 1. a fresh run of 2 steps: COMPLETED, ranks on both nodes, a complete checkpoint;
 2. a second submission of the same run: resumes at step 2 and continues to step 4;
-3. a longer third submission, sent SIGUSR1 through the batch shell (as ``--signal=B:USR1@120``
-   does) mid-run: it stops after an agreed step, writes a complete checkpoint and COMPLETES.
+3. a third submission, sent SIGUSR1 through the batch shell (as ``--signal=B:USR1@120`` does)
+   mid-run: it stops after an agreed step and writes a complete checkpoint; the script requeues the
+   job, and the requeued run resumes from that checkpoint and COMPLETES.
 Skipped only when the SLURM binaries are absent (.ci/run installs them).
 """
 
@@ -129,10 +130,10 @@ def test_resubmission_resumes(run, first_job):
     assert latest_checkpoint(run.ckpt_dir).name == "iter_0000004"
 
 
-def test_preemption_signal_writes_checkpoint(run, first_job):
-    start = latest_checkpoint(run.ckpt_dir)
-    start_step = int(start.name.split("_")[1])
-    job = run.submit("training.train_steps=500", REQUEUE_ON_PREEMPT="0")
+def test_preemption_signal_writes_checkpoint_and_the_requeued_job_resumes(run, first_job):
+    start_step = int(latest_checkpoint(run.ckpt_dir).name.split("_")[1])
+    end = start_step + 5
+    job = run.submit(f"training.train_steps={end}")
     # Wait until it has trained two steps of its own, then signal the batch shell as SLURM would.
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while True:
@@ -144,13 +145,24 @@ def test_preemption_signal_writes_checkpoint(run, first_job):
         assert time.monotonic() < deadline, run.report(job, info)
         time.sleep(0.5)
     run.slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
-    info = run.wait(job)
-    batch_out = (run.root / f"slurm-{job}.out").read_text()
-    assert "pre-emption signal received" in batch_out, run.report(job, info)
-    assert "stopping after step" in run.rank_logs(job)[0]
-    steps = run.steps(job)
+
+    # The script checkpoints and requeues the job; SLURM holds a requeued job ~2 min (BeginTime),
+    # which the test skips. Meanwhile the checkpoint of the step it stopped after is complete.
+    info = run.slurm.wait(job, JOB_TIMEOUT_S, states={"PENDING", "COMPLETED", "FAILED", "CANCELLED"})
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", run.report(job, info)
+    stopped = re.search(r"stopping after step (\d+)", run.rank_logs(job)[0])
+    assert stopped, run.report(job, info)
+    saved = int(stopped.group(1))
+    assert start_step + 2 <= saved < end and run.steps(job)[-1] == saved
     ckpt = latest_checkpoint(run.ckpt_dir)
-    assert ckpt is not None and (ckpt / MARKER).is_file()
-    saved = int(ckpt.name.split("_")[1])
-    assert start_step + 2 <= saved < 500 and saved == steps[-1], (start_step, saved, steps)
-    assert f"newest checkpoint: {ckpt.name}" in batch_out
+    assert ckpt.name == f"iter_{saved:07d}" and (ckpt / MARKER).is_file()
+    run.slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+
+    run.wait(job)
+    batch_out = (run.root / f"slurm-{job}.out").read_text()
+    assert "pre-emption signal received" in batch_out and "requeueing job" in batch_out, batch_out
+    restarted = run.log_dir(job).with_name(f"job-{job}.1")
+    assert f"loaded checkpoint {ckpt} (step {saved})" in (restarted / "rank-0.log").read_text()
+    steps = [json.loads(line)["step"] for line in (restarted / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(saved + 1, end + 1)), "the requeued job continues from the checkpoint"
+    assert latest_checkpoint(run.ckpt_dir).name == f"iter_{end:07d}"
