@@ -42,10 +42,12 @@ def test_collective_timeout_is_a_validated_setting():
         load_config(ROOT / "configs/tiny_moe.yaml", ["parallel.collective_timeout_s=0"]).validate(4)
 
 
-def _signal_on_rank_1() -> tuple[bool, bool, int | None]:
+def _guard_on_two_ranks() -> tuple:
+    """Rank 1 alone gets SIGUSR1; then rank 0 diagnoses with every rank alive, and with a lost store."""
     import torch.distributed as dist
 
     from megatron_timeexpert.train.fault import StepGuard
+    from parallel.testing import free_port
 
     guard = StepGuard(timeout_s=30).start()
     try:
@@ -53,13 +55,24 @@ def _signal_on_rank_1() -> tuple[bool, bool, int | None]:
         if dist.get_rank() == 1:
             os.kill(os.getpid(), signal.SIGUSR1)  # only one rank gets the pre-emption signal
         second = guard.should_stop(2)
-        return first, second, guard.stopped_at
+        stop = (first, second, guard.stopped_at)
+        if dist.get_rank() == 1:
+            dist.barrier()  # keeps beating while rank 0 asks
+            return stop, None, None
+        alive = guard.unresponsive_ranks(step=7)
+        guard._store_addr = ("127.0.0.1", free_port())  # a store whose host is gone
+        gone = guard.unresponsive_ranks(step=7)
+        dist.barrier()
+        return stop, alive, gone
     finally:
         guard.close()
 
 
-def test_preemption_signal_on_one_rank_stops_every_rank_after_the_same_step():
-    assert run_distributed(_signal_on_rank_1, 2, timeout=120) == [(False, True, 2), (False, True, 2)]
+def test_step_guard_agrees_on_preemption_and_diagnoses_failures():
+    (stop0, alive, gone), (stop1, _, _) = run_distributed(_guard_on_two_ranks, 2, timeout=120)
+    assert stop0 == stop1 == (False, True, 2), "a signal on one rank stops every rank after the same step"
+    assert "every rank still has a heartbeat" in alive, alive
+    assert "is unreachable" in gone and "probably died" in gone, gone
 
 
 @pytest.mark.parametrize(
