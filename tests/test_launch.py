@@ -75,6 +75,17 @@ def test_step_guard_agrees_on_preemption_and_diagnoses_failures():
     assert "is unreachable" in gone and "probably died" in gone, gone
 
 
+def test_only_collective_failures_become_rank_failures():
+    import torch.distributed as dist
+
+    from megatron_timeexpert.train.fault import _is_comm_failure
+
+    assert _is_comm_failure(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [1.2.3.4]:5"))
+    assert _is_comm_failure(RuntimeError("Timed out waiting 8000ms for send operation to complete"))
+    assert _is_comm_failure(dist.DistBackendError("NCCL error"))
+    assert not _is_comm_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)"))
+
+
 @pytest.mark.parametrize(
     "script",
     [

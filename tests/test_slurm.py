@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from megatron_timeexpert.train.checkpoint import MARKER, latest_checkpoint
+from parallel.testing import free_port
 from tests.slurm_harness import LocalSlurm, missing_binaries
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +72,10 @@ class Run:
         return self.root / self.name / "logs" / f"job-{job}.0"
 
     def submit(self, *overrides: str, **env: str) -> int:
-        exports = {"RUNS_ROOT": str(self.root), "RUN_NAME": self.name, "PYTHONWARNINGS": "ignore", **env}
+        # A free MASTER_PORT: the script's default (20000 + job id) would collide between two local
+        # clusters that both number their jobs from 1.
+        exports = {"RUNS_ROOT": str(self.root), "RUN_NAME": self.name, "PYTHONWARNINGS": "ignore"}
+        exports.update(MASTER_PORT=str(free_port()), **env)
         export = "ALL," + ",".join(f"{k}={v}" for k, v in exports.items())
         out = str(self.root / "slurm-%j.out")
         args = [*CPU_ALLOCATION, f"--output={out}", f"--export={export}", SCRIPT, *RECIPE_OVERRIDES, *overrides]

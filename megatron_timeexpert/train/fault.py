@@ -18,12 +18,13 @@ It owns:
 - **Dead ranks.** Every collective is bounded by the process-group timeout
   (``parallel.collective_timeout_s``). When a collective inside a step raises (a peer's connection
   closed, or the timeout expired), :meth:`step` turns it into :class:`RankFailureError` whose message
-  names the step and the ranks that stopped responding. Those are found from heartbeats: a thread
-  increments ``timeexpert/hb/<rank>`` in the rendezvous store every ``heartbeat_s``; a rank whose
-  counter does not move over a short window and that did not report a failure itself is named as
-  missing. A timer then hard-exits the process if it has not ended ``exit_grace_s`` later (a torn-down
-  group can block in destructors), so a survivor ends within ``collective_timeout_s + exit_grace_s``
-  plus the diagnosis window (``3 * heartbeat_s``) after the rank died.
+  names the step and the ranks that stopped responding (any other error of the step passes through
+  unchanged). The ranks are found from heartbeats: a thread increments ``timeexpert/hb/<rank>`` in
+  the rendezvous store every ``heartbeat_s``; a rank whose counter does not move over a short window
+  and that did not report a failure itself is named as missing (1.5 s; up to ~7 s when the store's
+  host is gone). A timer armed when the failure is caught hard-exits the process if it has not ended
+  ``exit_grace_s`` later (the diagnosis runs inside that grace; a torn-down group can block in
+  destructors), so a survivor ends within ``collective_timeout_s + exit_grace_s`` of the death.
 - **Fault injection** for tests: ``TIMEEXPERT_FAULT_KILL_AT_STEP=RANK:STEP[:DELAY_S[:SIGNAL]]`` makes that
   rank send itself ``SIGNAL`` (default KILL; STOP freezes it: a hung rather than a dead rank)
   ``DELAY_S`` seconds (default 0.2) after step ``STEP`` begins, i.e. mid-step.
@@ -38,6 +39,7 @@ import contextlib
 import datetime
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -120,7 +122,9 @@ class StepGuard:
             _kill_later(self._kill_delay, self._kill_signal, self.rank, step)
         try:
             yield
-        except (RuntimeError, dist.DistError) as e:
+        except RuntimeError as e:  # dist.DistError is one too; other errors of the step pass unchanged
+            if not _is_comm_failure(e):
+                raise
             raise self._failure(step, "training step", e) from e
 
     def should_stop(self, step: int) -> bool:
@@ -194,6 +198,14 @@ class StepGuard:
             return None, 0.0, signal.SIGKILL
         delay = float(parts[2]) if len(parts) > 2 else 0.2
         return int(parts[1]), delay, signal.Signals[f"SIG{parts[3]}"] if len(parts) > 3 else signal.SIGKILL
+
+
+_COMM_FAILURE = re.compile(r"gloo|nccl|connection (closed|reset)|timed out|timeout|broken pipe", re.IGNORECASE)
+
+
+def _is_comm_failure(error: RuntimeError) -> bool:
+    """A collective's failure (torch raises gloo's as plain RuntimeError), not a bug in the step."""
+    return isinstance(error, dist.DistError) or bool(_COMM_FAILURE.search(str(error)))
 
 
 def _store_address() -> tuple[str, int] | None:
