@@ -10,11 +10,13 @@ Two things the checkpoint code needs beyond megatron's defaults (megatron-core 0
   parallelism. ``mem_efficient``: the data-parallel shards are gathered to DP rank 0 over megatron's
   gloo data-parallel group; the other path all-gathers CUDA copies (``Tensor.cuda()``), impossible
   on CPU. Collective over each data-parallel group at save.
-- :func:`prepare_for_load`: a DistributedOptimizer that has not stepped yet cannot describe its
-  state for a load with torch's Adam (no transformer-engine or apex): ``state_dict()`` reads the
-  step from the per-parameter Adam state and asserts there is exactly one. We give every shard
-  the state a fresh torch Adam creates on its first step (step 0, zero moments); the load then
-  overwrites all of it. No communication; the weights are not touched.
+- :func:`ensure_state`: a DistributedOptimizer that has not stepped yet cannot describe its state
+  with torch's Adam (no transformer-engine or apex): ``state_dict()`` reads the step from the
+  per-parameter Adam state and asserts there is exactly one, so neither a load into a fresh
+  optimizer nor a save before the first step (``training.train_steps=0``) works. We give every
+  shard the state a fresh torch Adam creates on its first step (step 0, zero moments): saving it
+  is saving a fresh optimizer, and a load overwrites all of it. No communication; the weights are
+  not touched.
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ def _distributed_optimizers(optimizer) -> list:
 
 
 @torch.no_grad()
-def prepare_for_load(optimizer) -> None:
+def ensure_state(optimizer) -> None:
     """Give each DistributedOptimizer inside ``optimizer`` that has no Adam state yet a fresh one
-    (step 0, zero moments per main-weight shard), so that megatron can build its load state dict."""
+    (step 0, zero moments per main-weight shard), so that megatron can build its state dict."""
     for dist_opt in _distributed_optimizers(optimizer):
         inner = dist_opt.optimizer
         if len(inner.state) > 0 or not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
