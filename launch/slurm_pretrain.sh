@@ -86,8 +86,9 @@ trap on_preempt USR1
 # Each rank's log starts with the SLURM node it runs on.
 # shellcheck disable=SC2016 # expanded by the task's shell
 RANK_HEADER='echo "timeexpert-slurm: rank ${SLURM_PROCID}/${SLURM_NTASKS} on node ${SLURMD_NODENAME} ($(hostname))"'
-"${LAUNCH[@]}" bash -c "$RANK_HEADER; exec \"\$@\"" rank "$PYTHON" -m megatron_timeexpert.cli pretrain --config "$RECIPE" --resume \
-    training.save_dir="$CKPT_DIR" logging.run_dir="$LOG_DIR" logging.progress_bar=false "${OVERRIDES[@]}" &
+TRAIN=("$PYTHON" -m megatron_timeexpert.cli pretrain --config "$RECIPE" --resume
+    training.save_dir="$CKPT_DIR" logging.run_dir="$LOG_DIR" logging.progress_bar=false "${OVERRIDES[@]}")
+"${LAUNCH[@]}" bash -c "$RANK_HEADER; exec \"\$@\"" rank "${TRAIN[@]}" &
 SRUN_PID=$!
 RC=0
 while true; do  # a trapped signal interrupts `wait`; wait again until srun has really ended
