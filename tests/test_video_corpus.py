@@ -10,6 +10,7 @@ loops forever fails here instead of hanging the suite.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from megatron_timeexpert.data.dataset import VTGDataset
 from megatron_timeexpert.data.loader import LoaderConfig, VTGLoader
 from megatron_timeexpert.data.stats import BadInputs
 from megatron_timeexpert.data.types import Event, Task, VTGSample
+from parallel.testing import run_distributed
 from tests.video_corpus import Corpus, video_corpus  # noqa: F401
 from tools.make_test_corpus import RECIPES, read_code
 
@@ -123,6 +125,39 @@ def test_loader_delivers_every_corpus_file_with_the_right_frames(video_corpus, w
                 break
     assert sorted(set(seen)) == NAMES and len(seen) == world * -(-len(NAMES) // world)  # no sample lost
     assert bad.summary()["bad/total"] == 0, bad.summary()
+
+
+def _rank_delivers_corpus(root: str, manifest: dict) -> list[str]:
+    """One data-parallel rank in its own process: rank and world from torch.distributed."""
+    import torch.distributed as dist
+
+    corpus = Corpus(Path(root), manifest)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    samples = [
+        VTGSample(name, corpus.path(name), None, Task.MOMENT_RETRIEVAL, "q", (Event(0.0, 0.1),), f"corpus:{name}")
+        for name in NAMES
+    ]
+    bad = BadInputs("skip")
+    dec = VideoDecoder(DecoderConfig(sampling=SamplingConfig(mode="fps", fps=4.0, num_frames=0), transform=None))
+    loader = VTGLoader(VTGDataset(samples, dec, bad), LoaderConfig(dp_rank=rank, dp_world=world, seed=2))
+    seen = []
+    for batch in loader:
+        (item,) = batch.samples
+        check_frames(corpus, item.sample.sample_id, item.frames.numpy(), item.timestamps.numpy())
+        seen.append(item.sample.sample_id)
+        if loader.state_dict()["epoch"] == 1:
+            break
+    assert bad.summary()["bad/total"] == 0, bad.summary()
+    return seen
+
+
+@pytest.mark.slow
+def test_loader_in_a_real_two_rank_group_delivers_every_corpus_file(video_corpus):  # noqa: F811
+    results = run_distributed(
+        _rank_delivers_corpus, 2, args=(str(video_corpus.root), video_corpus.manifest), timeout=120
+    )
+    assert sorted(set(results[0]) | set(results[1])) == NAMES
+    assert len(results[0]) == len(results[1]) == -(-len(NAMES) // 2)
 
 
 def test_rotated_file_with_transform_matches_on_every_backend(video_corpus):  # noqa: F811
