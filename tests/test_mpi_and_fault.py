@@ -201,7 +201,7 @@ def test_mpirun_launch(reference):
 def killed(tmp_path_factory) -> tuple[Path, list[RankExit]]:
     tmp = tmp_path_factory.mktemp("killed")
     args = _args(tmp, "training.save_interval=2")
-    return tmp, launch_ranks(4, args, tmp, env={KILL_AT_STEP_ENV: "2:3:0.05"})
+    return tmp, launch_ranks(4, args, tmp, env={KILL_AT_STEP_ENV: "2:3:0.02"})
 
 
 @pytest.mark.slow
@@ -265,7 +265,7 @@ def test_hung_rank_is_bounded_by_the_collective_timeout(tmp_path):
     end the others' wait): the survivor fails after about the timeout, naming the step and the rank."""
     timeout_s = 8.0
     args = [*_args(tmp_path, "parallel.ep=2", f"parallel.collective_timeout_s={timeout_s}"), "training.save_dir=null"]
-    exits = launch_ranks(2, args, tmp_path, env={KILL_AT_STEP_ENV: "1:2:0.05:STOP"}, wait_for={0})
+    exits = launch_ranks(2, args, tmp_path, env={KILL_AT_STEP_ENV: "1:2:0.02:STOP"}, wait_for={0})
     survivor, frozen = exits
     assert survivor.code != 0, survivor.log[-3000:]
     assert "step 2 (training step) failed" in survivor.log, survivor.log[-3000:]

@@ -136,18 +136,18 @@ def test_resubmission_resumes(run, first_job):
 
 def test_preemption_signal_writes_checkpoint_and_the_requeued_job_resumes(run, first_job):
     start_step = int(latest_checkpoint(run.ckpt_dir).name.split("_")[1])
-    end = start_step + 5
+    end = start_step + 12  # enough steps left that the signal lands mid-run on a fast machine too
     job = run.submit(f"training.train_steps={end}")
-    # Wait until it has trained two steps of its own, then signal the batch shell as SLURM would.
+    # Wait until it has trained a step of its own, then signal the batch shell as SLURM would.
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while True:
         path = run.log_dir(job) / "metrics.jsonl"
-        if path.exists() and len(path.read_text().splitlines()) >= 2:
+        if path.exists() and len(path.read_text().splitlines()) >= 1:
             break
         info = run.slurm.show_job(job)
         assert info["JobState"] in ("PENDING", "RUNNING"), run.report(job, info)
         assert time.monotonic() < deadline, run.report(job, info)
-        time.sleep(0.5)
+        time.sleep(0.2)
     run.slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
 
     # The script checkpoints and requeues the job; SLURM holds a requeued job ~2 min (BeginTime),
@@ -157,7 +157,7 @@ def test_preemption_signal_writes_checkpoint_and_the_requeued_job_resumes(run, f
     stopped = re.search(r"stopping after step (\d+)", run.rank_logs(job)[0])
     assert stopped, run.report(job, info)
     saved = int(stopped.group(1))
-    assert start_step + 2 <= saved < end and run.steps(job)[-1] == saved
+    assert start_step + 1 <= saved < end and run.steps(job)[-1] == saved
     ckpt = latest_checkpoint(run.ckpt_dir)
     assert ckpt.name == f"iter_{saved:07d}" and (ckpt / MARKER).is_file()
     run.slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
