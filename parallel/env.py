@@ -2,10 +2,11 @@
 
 Supported launchers, tried in this order:
 - torchrun (and ``parallel.testing.run_distributed``): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT
-- SLURM (srun): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; master = first host of SLURM_JOB_NODELIST
-  unless MASTER_ADDR is set
 - MPI: Open MPI (OMPI_COMM_WORLD_*), MPICH/Intel MPI/PMI (PMI_RANK, PMI_SIZE, MPI_LOCALRANKID);
-  MASTER_ADDR must be set (launch/ scripts set it)
+  MASTER_ADDR must be set (launch/mpirun.sh sets it). Before SLURM, because mpirun inside an sbatch
+  job inherits the batch shell's SLURM_PROCID=0 in every rank.
+- SLURM (srun): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; master = first host of SLURM_JOB_NODELIST
+  unless MASTER_ADDR is set (launch/slurm_pretrain.sh sets it to the first node's IP)
 - nothing: a single process (rank 0 of 1).
 
 ``init_distributed`` joins the default group: NCCL when CUDA is present, gloo otherwise (one log
@@ -75,21 +76,8 @@ def discover(env: Mapping[str, str] | None = None) -> DistEnv:
             port,
             "torchrun",
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        addr = env.get("MASTER_ADDR")
-        if addr is None:
-            nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-            if not nodelist:
-                raise LaunchEnvError("SLURM launch detected but neither MASTER_ADDR nor SLURM_JOB_NODELIST is set")
-            addr = first_slurm_host(nodelist)
-        return DistEnv(
-            _int(env, "SLURM_PROCID", "SLURM"),
-            _int(env, "SLURM_NTASKS", "SLURM"),
-            int(env.get("SLURM_LOCALID", 0)),
-            addr,
-            port,
-            "slurm",
-        )
+    # MPI before SLURM: mpirun inside an sbatch allocation inherits the batch shell's SLURM_PROCID=0
+    # in every rank, while the MPI variables are per process.
     for rank_key, size_key, local_key, name in (
         ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "Open MPI"),
         ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI (PMI)"),
@@ -108,6 +96,21 @@ def discover(env: Mapping[str, str] | None = None) -> DistEnv:
                 port,
                 "mpi",
             )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        addr = env.get("MASTER_ADDR")
+        if addr is None:
+            nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+            if not nodelist:
+                raise LaunchEnvError("SLURM launch detected but neither MASTER_ADDR nor SLURM_JOB_NODELIST is set")
+            addr = first_slurm_host(nodelist)
+        return DistEnv(
+            _int(env, "SLURM_PROCID", "SLURM"),
+            _int(env, "SLURM_NTASKS", "SLURM"),
+            int(env.get("SLURM_LOCALID", 0)),
+            addr,
+            port,
+            "slurm",
+        )
     return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
 
 

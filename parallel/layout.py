@@ -36,6 +36,10 @@ class ParallelLayout:
     """Expert tensor-parallel size (each expert split over this many ranks)."""
     vpp: int | None = None
     """Virtual pipeline stages per rank (interleaved schedule); None for the plain 1F1B schedule."""
+    collective_timeout_s: float = 600.0
+    """Bound on every collective wait, in seconds (all process groups: default, TP, PP, DP, EP). A rank
+    that dies mid-step makes the others exit within this bound plus a 15 s exit grace
+    (docs/LAUNCH.md); raise it for very long first steps or slow checkpoint saves."""
 
     def dp(self, world_size: int) -> int:
         """Data-parallel size for ``world_size`` ranks."""
@@ -55,6 +59,8 @@ class ParallelLayout:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise LayoutError(f"parallel.{name}={value!r}: must be a positive integer")
+        if not self.collective_timeout_s > 0:
+            raise LayoutError(f"parallel.collective_timeout_s={self.collective_timeout_s!r}: must be > 0 seconds")
         if self.vpp is not None and (not isinstance(self.vpp, int) or self.vpp < 1):
             raise LayoutError(f"parallel.vpp={self.vpp!r}: must be a positive integer or null")
         if world_size % (self.tp * self.pp):
@@ -127,6 +133,7 @@ class ParallelLayout:
             virtual_pipeline_model_parallel_size=self.vpp if self.vpp and self.vpp > 1 else None,
             expert_model_parallel_size=self.ep,
             expert_tensor_parallel_size=self.etp,
+            distributed_timeout_minutes=self.collective_timeout_s / 60.0,
         )
         model_parallel_cuda_manual_seed(seed)
         if dist.get_rank() == 0:
