@@ -132,8 +132,7 @@ def _layer_vs_reference(tp: int, ep: int, scenario: str, router_kind: str = "tin
         s_l = S // tp
         seq, bat = slice(tp_rank * s_l, (tp_rank + 1) * s_l), slice(dp_rank * B, (dp_rank + 1) * B)
         x_loc = x[seq, bat].clone().requires_grad_()
-        layer.set_token_types(tt[:, bat])
-        out, bias = layer(x_loc)
+        out, bias = layer(x_loc, token_type=tt[:, bat].t())
         (out * gout[seq, bat]).sum().backward()
         metrics = layer.pop_metrics()
 
@@ -180,10 +179,10 @@ def _layer_vs_reference(tp: int, ep: int, scenario: str, router_kind: str = "tin
                 "ref_step": ref_rec["step"].item(),
                 "ref_tokens": ref_rec["total_type_tokens"].sum().item(),
             }
-        # A second forward with statistics reduced over all ranks of the stage.
+        # A second forward with statistics reduced over all ranks of the stage (with autograd on: a
+        # training forward under no_grad is the first pass of a recomputed region and is not counted).
         layer.moe.reduce_metrics = True
-        with torch.no_grad():
-            layer(x_loc.detach())
+        layer(x_loc.detach(), token_type=tt[:, bat].t())
         reduced = layer.pop_metrics()
         return {
             "errs": errs,
@@ -308,7 +307,6 @@ def test_token_types_default_to_text_and_losses_reach_the_graph():
     router = TinyRouter(H, E).double()
     layer = TimeExpertMoELayer(_config(1), router, MoELayerConfig(num_experts=E)).double()
     x = torch.randn(3, 2, H, dtype=torch.float64, requires_grad=True)
-    layer.set_token_types(None)
     out, _ = layer(x)
     # Only the aux loss reaches the router when the output gradient is zero.
     (out * 0).sum().backward()

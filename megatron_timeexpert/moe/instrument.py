@@ -34,6 +34,14 @@ PHASES = ("route", "dispatch", "experts", "combine")
 BYTE_FIELDS = ("dispatch_sent", "dispatch_received", "meta_sent", "meta_received", "combine_sent", "combine_received")
 
 
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a tensor must live for a collective on ``group``: the current CUDA device under NCCL
+    (which rejects CPU tensors), else the CPU (gloo)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class MoEInstrument:
     """Accumulates one MoE layer's statistics between pops (see module docstring).
 
@@ -108,8 +116,11 @@ class MoEInstrument:
             total, n = self.router_metrics.get(key, (0.0, 0))
             self.router_metrics[key] = (total + float(value), n + 1)
 
-    def pop(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
+    def pop(self, group: dist.ProcessGroup | None = None, force_reduce: bool = False) -> dict[str, float]:
         """Averages since the last pop (over forwards, and over ``group``'s ranks when given); resets.
+
+        The reduction runs on the device the group's backend needs (CUDA for NCCL, CPU for gloo);
+        it is skipped for a group of one rank unless ``force_reduce`` (tests of the NCCL path).
 
         Keys: ``loss/<name>``, ``router/<name>`` (local), ``experts_per_token/<TYPE>`` and ``/ALL`` (mean k),
         ``k_frac/<TYPE>/<k>`` (fraction of that type's tokens firing k experts; only nonzero
@@ -133,8 +144,11 @@ class MoEInstrument:
         ]
         flat = torch.cat([p.to(torch.float64) for p in parts])
         ranks = 1
-        if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(flat, group=group)
+        if group is not None and (dist.get_world_size(group) > 1 or force_reduce):
+            device = collective_device(group)
+            reduced = flat.to(device)
+            dist.all_reduce(reduced, group=group)
+            flat = reduced.cpu()
             ranks = dist.get_world_size(group)
         n_scalar, n_loss = len(scalars), len(loss_keys)
         scal, loss_v, tpe_v, hist_v = flat.split([n_scalar, n_loss, self.num_experts, NUM_TOKEN_TYPES * e1])

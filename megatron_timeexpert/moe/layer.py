@@ -1,9 +1,17 @@
 """The TimeExpert MoE layer: route -> placement -> dispatch -> local experts -> combine.
 
-Drop-in MLP of megatron-core's ``TransformerLayer``: ``forward(hidden_states [s, b, h]) ->
-(output [s, b, h], None)``. With sequence parallelism (TP > 1, required by megatron-core for MoE)
-``s`` is this TP rank's chunk of the sequence, and the layer never talks to its TP peers: tokens on
+Drop-in MLP of megatron-core's ``TransformerLayer``: ``forward(hidden_states [s, b, h],
+padding_mask=token_type [b, s]) -> (output [s, b, h], None)``. With sequence parallelism (TP > 1,
+required by megatron-core for MoE) ``s`` is this TP rank's chunk of the sequence: tokens on
 different TP ranks are different tokens, and each expert is whole on one rank (expert-TP = 1).
+
+Token types travel WITH the forward, never as layer state: megatron threads one per-token tensor,
+``padding_mask [b, s]``, from ``GPTModel.forward`` through every ``TransformerLayer`` to its MLP,
+scatters it for sequence parallelism on the first pipeline stage, and passes it again when a layer
+or the MLP is recomputed (activation recomputation, full or selective). Our layer reads that
+tensor as the token types (integer :class:`TokenType` values; the trainer passes them there), so a
+recomputed microbatch routes with its own types. It accepts them for the full sequence ``[b, S]``
+(later pipeline stages get them unscattered) or for this TP rank's chunk ``[b, S / tp]``.
 
 Who owns what:
 
@@ -20,15 +28,24 @@ Communication per forward, all on the EP group (see :mod:`parallel.dispatch`): o
 (``all_to_all_single`` of ``[ep]`` int64), one dispatch ``all_to_all_single`` of the deduplicated
 token rows (+ their local-slot weights and mask), one combine ``all_to_all_single`` of partial sums;
 the backward repeats dispatch and combine with swapped splits. The router does not communicate in
-forward (it only accumulates its routing statistics locally). Once per optimizer step,
+forward except, at TP > 1, one small all_reduce over the TP group of its loss statistics (the router
+losses are those of the whole microbatch, see losses.py). Once per optimizer step,
 :meth:`TimeExpertMoELayer.finish_step` lets the router fold the step's statistics into its records
 with one ``all_reduce`` on the router's records group (the statistics group when built through the
 spec). ``pop_metrics`` does one ``all_reduce`` on the statistics group.
 
 Router losses reach the training loss through the autograd graph: :class:`AttachAuxLoss` is the
 identity on the output in forward and feeds ``d loss = aux_loss_scale`` into each loss in backward,
-so the trainer only back-propagates its main loss (set :meth:`set_aux_loss_scale` to the factor the
-main loss is scaled by, e.g. ``1 / num_microbatches``).
+so the trainer only back-propagates its main loss. Each router loss is a mean over the tokens of one
+microbatch (all its TP chunks); the training objective takes their MEAN over the step's microbatches
+and data-parallel ranks, so ``aux_loss_scale`` must be the derivative of the back-propagated main
+loss with respect to that mean's terms: ``grad_scale / M`` for a main loss that is a mean over the
+``M`` microbatches of the step (all DP ranks), and ``grad_scale * N / M`` with megatron's per-token
+loss (``calculate_per_token_loss``: gradients are divided by the ``N`` loss tokens of the global
+batch after the backward), where ``grad_scale`` is megatron's ``config.grad_scale_func(1)`` (the
+fp16 loss scale; 1 in fp32 and bf16). The scale is the same for all TP ranks: the losses are
+TP-global and each rank's backward reaches only its own tokens. The trainer sets it once per step
+(:meth:`set_aux_loss_scale`), before the step's forwards; recomputation within the step reuses it.
 """
 
 from __future__ import annotations
@@ -111,7 +128,7 @@ class TimeExpertMoELayer(nn.Module):
             ``moe.num_experts`` logical ids.
         moe: :class:`MoELayerConfig`.
         ep_group: expert-parallel group (``None``: single rank, no communication).
-        tp_group: tensor-parallel group; used only to pick this rank's sequence chunk of the token
+        tp_group: tensor-parallel group; picks this rank's sequence chunk of the token
             types when sequence parallelism is on (``None``: TP = 1).
         stats_group: group over which :meth:`pop_metrics` averages (all ranks of this pipeline
             stage); ``None``: local only.
@@ -160,7 +177,6 @@ class TimeExpertMoELayer(nn.Module):
             for p in self.router.parameters():
                 p.sequence_parallel = True  # finalize_model_grads all-reduces these over TP
         self.aux_loss_scale = 1.0
-        self._token_type: torch.Tensor | None = None
         self.set_layer_number(layer_number)
 
     # --- set-up hooks ------------------------------------------------------------------------
@@ -178,37 +194,43 @@ class TimeExpertMoELayer(nn.Module):
             self.experts.init_slot(slot, base + logical)
 
     def set_aux_loss_scale(self, scale: float) -> None:
-        """Gradient each router loss receives in backward (the main loss's scale, e.g. 1/microbatches)."""
+        """Gradient each router loss receives in backward (module docstring: ``grad_scale * N / M``
+        under megatron's per-token loss, ``grad_scale / M`` for a mean over M microbatches)."""
         self.aux_loss_scale = float(scale)
 
-    def set_token_types(self, token_type: torch.Tensor | None) -> None:
-        """Token types ``[S, b]`` of the FULL sequence for the next forward(s); ``None``: all TEXT.
-
-        Kept until replaced (activation recomputation runs forward twice). With sequence parallelism
-        the layer takes this TP rank's chunk of dim 0.
-        """
-        self._token_type = token_type
-
-    def _local_token_types(self, s_local: int, b: int, device: torch.device) -> torch.Tensor:
-        tt = self._token_type
-        if tt is None:
+    def _local_token_types(self, token_type: torch.Tensor | None, s_local: int, b: int, device) -> torch.Tensor:
+        """``[s_local * b]`` (s-major) token types of this rank's tokens from ``[b, S]`` or ``[b, S/tp]``."""
+        if token_type is None:
             return torch.full((s_local * b,), int(TokenType.TEXT), dtype=torch.long, device=device)
-        if tt.shape != (s_local * self.tp_size, b):
-            raise ValueError(f"token types {tuple(tt.shape)} do not match [s*tp, b] = [{s_local * self.tp_size}, {b}]")
-        if self.tp_size > 1:
-            tt = tt[self.tp_rank * s_local : (self.tp_rank + 1) * s_local]
-        return tt.reshape(-1).to(device=device, dtype=torch.long)
+        if token_type.dtype == torch.bool or token_type.is_floating_point():
+            raise TypeError(
+                f"{self.instrument.name}: token types must be an integer tensor [b, s] of TokenType values, "
+                f"got {token_type.dtype} (a boolean padding mask is not supported by this layer)"
+            )
+        full = s_local * self.tp_size
+        if token_type.dim() != 2 or token_type.shape[0] != b or token_type.shape[1] not in (s_local, full):
+            raise ValueError(
+                f"{self.instrument.name}: token types {tuple(token_type.shape)} match neither [b, s] = "
+                f"[{b}, {full}] nor this TP rank's chunk [{b}, {s_local}]"
+            )
+        if token_type.shape[1] != s_local:  # the full sequence: take this TP rank's chunk
+            token_type = token_type[:, self.tp_rank * s_local : (self.tp_rank + 1) * s_local]
+        return token_type.t().reshape(-1).to(device=device, dtype=torch.long)
 
     # --- the four steps ----------------------------------------------------------------------
 
-    def route(self, hidden_states: torch.Tensor) -> RoutedTokens:
-        """Flatten ``[s, b, h]`` to ``[T, h]`` and run the router (no communication here)."""
+    def route(self, hidden_states: torch.Tensor, token_type: torch.Tensor | None = None) -> RoutedTokens:
+        """Flatten ``[s, b, h]`` to ``[T, h]`` and run the router (``token_type``: ``[b, S]`` or
+        ``[b, S/tp]``, None = all TEXT). Communication: only the router's TP loss reduction."""
         s, b, h = hidden_states.shape
         x = hidden_states.reshape(s * b, h)
-        token_type = self._local_token_types(s, b, hidden_states.device)
-        out = self.router(x, token_type)
-        self.instrument.record_routing(out.routing_map, token_type)
-        self.instrument.record_router(out.losses, out.metrics)
+        tt = self._local_token_types(token_type, s, b, hidden_states.device)
+        out = self.router(x, tt)
+        # The first pass of a recomputed region (training, no autograd) is not recorded; its repeat
+        # in backward is, so every token counts once (see router._record).
+        if not self.training or torch.is_grad_enabled():
+            self.instrument.record_routing(out.routing_map, tt)
+            self.instrument.record_router(out.losses, out.metrics)
         return RoutedTokens(hidden=x, router=out)
 
     def dispatch(self, routed: RoutedTokens) -> DispatchResult:
@@ -227,11 +249,23 @@ class TimeExpertMoELayer(nn.Module):
         """Return partial sums to the tokens' ranks (one all_to_all on the EP group) and add them."""
         return self.dispatcher.combine(partial, dispatched.plan, dispatched.nbytes)
 
-    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        """``[s, b, h] -> ([s, b, h], None)``; ``padding_mask`` is accepted for megatron and unused."""
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        token_type: torch.Tensor | None = None,
+    ):
+        """``[s, b, h] -> ([s, b, h], None)``.
+
+        ``token_type`` (or, from megatron's ``TransformerLayer``, ``padding_mask``: the per-token
+        tensor megatron threads to the MLP and replays under recomputation, see the module
+        docstring): integer token types ``[b, S]`` or ``[b, S / tp]``; None: every token is TEXT.
+        """
         inst = self.instrument
+        if token_type is None:
+            token_type = padding_mask
         with inst.phase("route"):
-            routed = self.route(hidden_states)
+            routed = self.route(hidden_states, token_type)
         with inst.phase("dispatch"):
             dispatched = self.dispatch(routed)
         with inst.phase("experts"):

@@ -7,7 +7,11 @@ Both routers implement ``forward(hidden [T, H], token_type [T]) -> RouterOutput`
 :mod:`megatron_timeexpert.moe.types`) and put ``{"aux": ..., "z": ...}`` (already scaled) in
 ``losses``.
 
-Communication: none in forward. In training (``module.training`` and ``config.record_routing``) each
+Communication in forward: none on one rank. With ``tp_group`` of size > 1 (sequence parallelism:
+each TP rank routes its own chunk of the same microbatch) ONE ``all_reduce`` of the router losses'
+per-token statistics (a few dozen floats) over the TP group, forward only (identity in backward),
+so the losses and their gradients are those of the whole microbatch, as on one rank (see
+losses.py). In training (``module.training`` and ``config.record_routing``) each
 forward adds this rank's routing counts to ``records.pending`` (local, see records.py);
 :meth:`finish_step`, called once after every optimizer step by the trainer (through the MoE layer),
 does ONE ``all_reduce(SUM)`` of a flat float64 buffer over the records' group (all ranks of the
@@ -163,10 +167,12 @@ class RouterConfig:
         hidden_size: int,
         group: dist.ProcessGroup | None = None,
         init_method: Callable[[torch.Tensor], None] | None = None,
+        tp_group: dist.ProcessGroup | None = None,
     ) -> TimeExpertRouter | TopKRouter:
-        """The router this config describes (``group``: the records' reduction group, all DP x EP ranks)."""
+        """The router this config describes (``group``: the records' reduction group, all DP x EP
+        ranks; ``tp_group``: the ranks sharing a microbatch's tokens under sequence parallelism)."""
         cls = TimeExpertRouter if self.router_type == "timeexpert" else TopKRouter
-        return cls(self, hidden_size, group=group, init_method=init_method)
+        return cls(self, hidden_size, group=group, init_method=init_method, tp_group=tp_group)
 
 
 class _Router(nn.Module):
@@ -178,9 +184,12 @@ class _Router(nn.Module):
         hidden_size: int,
         group: dist.ProcessGroup | None = None,
         init_method: Callable[[torch.Tensor], None] | None = None,
+        tp_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         config.validate()
+        self.tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
+        self._reduce = L.group_reduce(tp_group)
         self.config = config
         self.hidden_size = hidden_size
         e = config.num_experts
@@ -231,8 +240,24 @@ class _Router(nn.Module):
         return 1
 
     def _record(self, fired: torch.Tensor, token_type: torch.Tensor, hidden: torch.Tensor) -> None:
-        if self.training and self.config.record_routing:
+        # A training forward without autograd is the first pass of an activation-recomputed region
+        # (megatron runs it under no_grad and repeats it with grad in backward): record only the
+        # repeat, so every token is counted once per step.
+        if self.training and self.config.record_routing and torch.is_grad_enabled():
             self.records.accumulate(fired, token_type, hidden)
+
+    def _reduce_stats(self, *stats: torch.Tensor) -> list[torch.Tensor]:
+        """Sum per-token loss statistics over the TP group in ONE all_reduce (identity backward)."""
+        flat = self._reduce(torch.cat([s.reshape(-1) for s in stats]))
+        return [part.view_as(s) for part, s in zip(flat.split([s.numel() for s in stats]), stats)]
+
+    def _replicated_term(self, loss: torch.Tensor) -> torch.Tensor:
+        """A loss term of the (TP-replicated) router parameters alone, e.g. ||W_g||^2: its value as is,
+        its gradient divided by the TP size, because megatron sums the router's gradients over the TP
+        group (``sequence_parallel`` params) and every TP rank computes this term in full."""
+        if self.tp_size == 1:
+            return loss
+        return loss / self.tp_size + (loss - loss / self.tp_size).detach()
 
     def finish_step(self) -> None:
         """End of an optimizer step: fold the step's routing counts of all ranks into the records.
@@ -280,6 +305,8 @@ class TimeExpertRouter(_Router):
         config: a :class:`RouterConfig` (``router_type`` is not checked here).
         hidden_size: H.
         group: the routing records' reduction group (all DP x EP ranks); None: single process.
+        tp_group: ranks holding other chunks of the same microbatch (sequence parallelism); the loss
+            statistics are summed over it. None: one rank holds whole microbatches.
         init_method: in-place initialiser of W_g ``[E_max, H]``; default normal(0, 0.02) (the cosine
             gate is scale-invariant, only directions matter).
 
@@ -293,8 +320,9 @@ class TimeExpertRouter(_Router):
         hidden_size: int,
         group: dist.ProcessGroup | None = None,
         init_method: Callable[[torch.Tensor], None] | None = None,
+        tp_group: dist.ProcessGroup | None = None,
     ) -> None:
-        super().__init__(config, hidden_size, group, init_method)
+        super().__init__(config, hidden_size, group, init_method, tp_group)
         self.threshold = nn.Parameter(torch.full((config.num_experts,), float(config.threshold_init)))
 
     @torch.no_grad()
@@ -341,9 +369,13 @@ class TimeExpertRouter(_Router):
             routing_map = fired | fallback
             probs = torch.where(fallback, 1.0 + (d - d.detach()), probs)
 
-        conc = L.task_concentration_loss(gates, token_type, type_rate, active)
-        norm = L.expert_norm_loss(self.weight, active)
-        z = L.z_loss(logits - g_thr, active)
+        conc_stats, z_stats = self._reduce_stats(
+            L.concentration_stats(gates, token_type, type_rate.shape[0]),
+            L.z_stats(logits - g_thr, active),
+        )
+        conc = L.concentration_from_stats(conc_stats, type_rate, active)
+        norm = self._replicated_term(L.expert_norm_loss(self.weight, active))
+        z = L.z_from_stats(z_stats)
         losses = {"aux": cfg.aux_loss_coeff * conc + cfg.expert_norm_coeff * norm, "z": cfg.z_loss_coeff * z}
         metrics = self._metrics(fired, token_type, {"aux/concentration": conc, "aux/expert_norm": norm, "z_raw": z})
         self._record(fired, token_type, hidden)
@@ -373,8 +405,9 @@ class TopKRouter(_Router):
         top = top / top.sum(-1, keepdim=True)
         routing_map = torch.zeros_like(soft, dtype=torch.bool).scatter(1, idx, True)
         probs = torch.zeros_like(soft).scatter(1, idx, top)
-        balance = L.switch_load_balancing_loss(soft, routing_map, k, active)
-        z = L.z_loss(logits, active)
+        sw_stats, z_stats = self._reduce_stats(L.switch_stats(soft, routing_map), L.z_stats(logits, active))
+        balance = L.switch_from_stats(sw_stats, k, active)
+        z = L.z_from_stats(z_stats)
         losses = {"aux": cfg.aux_loss_coeff * balance, "z": cfg.z_loss_coeff * z}
         metrics = self._metrics(routing_map, token_type, {"aux/switch": balance, "z_raw": z})
         self._record(routing_map, token_type, hidden)

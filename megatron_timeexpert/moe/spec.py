@@ -17,8 +17,9 @@ router config and layer options travel in ``params`` and the process groups come
 
 - EP group: ``get_expert_model_parallel_group()`` - the ranks that exchange tokens and split the
   expert slots between them;
-- TP group: ``get_tensor_model_parallel_group()`` - only to pick this rank's sequence chunk of the
-  token types (sequence parallelism; no TP communication in the layer);
+- TP group: ``get_tensor_model_parallel_group()`` - to pick this rank's sequence chunk of the token
+  types and to sum the router losses' per-token statistics over the microbatch's TP chunks (one
+  small all_reduce per forward, identity in backward);
 - statistics group: ``get_tensor_and_data_parallel_group(with_context_parallel=True)`` - ALL ranks of
   this pipeline stage (TP x CP x DP; megatron folds EP inside it), over which the router's routing
   records (once per optimizer step, in ``finish_step``) and ``pop_metrics`` are reduced, so every
@@ -63,13 +64,14 @@ class TimeExpertMoEMLP(TimeExpertMoELayer):
             # The token-type slicing assumes the sequence is split only by sequence parallelism.
             raise NotImplementedError("TimeExpertMoEMLP does not support context parallelism yet")
         stats = ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
-        router_module = router.build(config.hidden_size, group=stats, init_method=config.init_method)
+        tp = ps.get_tensor_model_parallel_group()
+        router_module = router.build(config.hidden_size, group=stats, init_method=config.init_method, tp_group=tp)
         super().__init__(
             config,
             router_module,
             moe,
             ep_group=ps.get_expert_model_parallel_group(),
-            tp_group=ps.get_tensor_model_parallel_group(),
+            tp_group=tp,
             stats_group=stats,
         )
         self.expert_dp_rank = ps.get_expert_data_parallel_rank()
