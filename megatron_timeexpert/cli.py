@@ -12,7 +12,6 @@ torchrun when the command is not already running under a launcher (torchrun, sru
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import subprocess
 import sys
@@ -42,15 +41,6 @@ def _under_launcher() -> bool:
     return any(k in os.environ for k in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
 
 
-def _setup_logging(rank: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
-
-
 def _relaunch(nproc: int, argv: list[str]) -> int:
     """Re-run this command under torchrun with ``nproc`` local processes."""
     args = []
@@ -65,7 +55,10 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
     cmd += ["--master-port", os.environ.get("MASTER_PORT", "29531"), "-m", "megatron_timeexpert.cli", *args]
     print(f"timeexpert: launching {nproc} processes: {' '.join(cmd)}", flush=True)
-    return subprocess.call(cmd)
+    env = dict(os.environ)
+    # torchrun sets 1 thread per process anyway and prints a banner saying so unless it is set.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.call(cmd, env=env)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     from parallel.env import discover, init_distributed
 
     dist_env = discover()
-    _setup_logging(dist_env.rank)
-    init_distributed(dist_env)
+    from megatron_timeexpert.train.runlog import setup_run_logging
+
+    # Library messages and warnings go to run_dir/logs/rankNNN.log; the console keeps our lines.
+    setup_run_logging(dist_env.rank, cfg.logging.run_dir)
+    init_distributed(dist_env, timeout_s=cfg.parallel.collective_timeout_s)
     try:
         cfg.validate(dist_env.world_size)
     except ConfigError as e:

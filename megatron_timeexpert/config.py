@@ -138,6 +138,11 @@ class DataConfig:
         _check(self.kind == "synthetic_tokens", "data", "kind", self.kind, "only 'synthetic_tokens' exists yet")
 
 
+PRECISIONS = ("fp32", "bf16")
+RECOMPUTE = ("none", "full", "selective")
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe")
+
+
 @dataclass
 class TrainingConfig:
     """Optimisation, schedule and checkpoints."""
@@ -182,6 +187,25 @@ class TrainingConfig:
     """With load_dir: load weights only (step 0, fresh optimizer)."""
     keep_last: int = 3
     """Complete checkpoints to keep (older ones are deleted after a successful save)."""
+    recompute: str = "none"
+    """Activation recomputation (megatron's ``recompute_granularity``): 'none'; 'full': each layer's
+    input is kept and the whole layer is run again in backward (``recompute_num_layers`` layers per
+    checkpoint, uniform method); 'selective': only ``recompute_modules`` are run again. Our MoE layer
+    routes a recomputed microbatch with its own token types and counts its tokens once."""
+    recompute_modules: str = "core_attn,mlp"
+    """Comma-separated modules for ``recompute: selective`` (megatron's names: core_attn, mlp,
+    layernorm, moe, ...). 'mlp' recomputes our MoE layer (megatron's 'moe' only its own MoE layer)."""
+    recompute_num_layers: int = 1
+    """Layers per recomputed checkpoint with ``recompute: full``."""
+    precision: str = "fp32"
+    """'fp32', or 'bf16': bf16 weights and activations (megatron's Float16Module) with fp32 main
+    weights, Adam moments and gradient reduction in megatron's optimizer. In bf16 our routers keep
+    fp32 weights and their routing records keep float64 buffers (routing decisions and counts are
+    not rounded); expert slot weights are bf16 like the other layers."""
+    distributed_optimizer: bool = False
+    """Shard the optimizer state (fp32 main weights, Adam moments) over the data-parallel ranks
+    (megatron's DistributedOptimizer: gradients reduce-scattered, updated weights all-gathered).
+    Checkpoints store its state in megatron's 'fully_reshardable' format, loadable at any layout."""
 
     def validate(self) -> None:
         _check(
@@ -214,6 +238,29 @@ class TrainingConfig:
         _check(self.clip_grad >= 0, "training", "clip_grad", self.clip_grad, "must be >= 0")
         _check(self.save_interval >= 0, "training", "save_interval", self.save_interval, "must be >= 0")
         _check(self.keep_last >= 1, "training", "keep_last", self.keep_last, "must be >= 1")
+        _check(
+            self.recompute in RECOMPUTE,
+            "training",
+            "recompute",
+            self.recompute,
+            f"choose one of {RECOMPUTE}",
+        )
+        modules = [m.strip() for m in self.recompute_modules.split(",") if m.strip()]
+        _check(
+            self.recompute != "selective" or (modules and set(modules) <= set(RECOMPUTE_MODULES)),
+            "training",
+            "recompute_modules",
+            self.recompute_modules,
+            f"a comma-separated non-empty subset of {RECOMPUTE_MODULES}",
+        )
+        _check(
+            self.recompute_num_layers >= 1,
+            "training",
+            "recompute_num_layers",
+            self.recompute_num_layers,
+            "must be >= 1",
+        )
+        _check(self.precision in PRECISIONS, "training", "precision", self.precision, f"choose one of {PRECISIONS}")
         _check(
             not self.resume or self.save_dir is not None, "training", "resume", self.resume, "needs training.save_dir"
         )
@@ -266,6 +313,19 @@ class Config:
         """Check every section; with ``world_size`` also the parallel layout against the model."""
         for section in (self.model, self.moe, self.data, self.training, self.logging):
             section.validate()
+        t = self.training
+        _check(
+            t.precision != "bf16"
+            or self.moe.router == "megatron"
+            or t.distributed_optimizer
+            or (t.save_dir is None and (t.load_dir is None or t.finetune)),
+            "training",
+            "precision",
+            t.precision,
+            f"bf16 with our MoE layer (moe.router={self.moe.router!r}) writes or loads optimizer checkpoints "
+            "only with training.distributed_optimizer=true: megatron-core 0.16.1's non-distributed bf16 "
+            "optimizer cannot checkpoint the routers' fp32 parameters",
+        )
         if world_size is not None:
             try:
                 self.parallel.validate(

@@ -223,6 +223,107 @@ def _shim_clip_grads() -> bool:
     return True
 
 
+# --- shims: parameter type checks of megatron's mixed-precision and distributed optimizers ---------
+
+_CPU_TO_CUDA_TYPE_NAME = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+@contextlib.contextmanager
+def _parameters_report_cuda_type_names():
+    """While active, ``param.type()`` (no arguments) of a CPU ``nn.Parameter`` returns the name of
+    the CUDA tensor type of the same dtype ('torch.FloatTensor' -> 'torch.cuda.FloatTensor').
+    ``type(dtype)`` conversions, plain tensors and everything after the block are untouched."""
+    cls = torch.nn.Parameter
+    own = cls.__dict__.get("type")
+
+    def type_name(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not non_blocking and not kwargs:
+            name = torch.Tensor.type(self)
+            return _CPU_TO_CUDA_TYPE_NAME.get(name, name)
+        return torch.Tensor.type(self, dtype, non_blocking, **kwargs)
+
+    cls.type = type_name
+    try:
+        yield
+    finally:
+        if own is None:
+            del cls.type
+        else:
+            cls.type = own
+
+
+def _shim_optimizer_param_types(module_name: str, class_name: str, shim_name: str) -> bool:
+    """Run ``class_name.__init__`` with CPU parameters reporting CUDA type names: megatron sorts
+    parameters into bf16/fp16 (gets an fp32 main copy) and fp32 (is its own main weight) by
+    comparing ``param.type()`` with 'torch.cuda.*Tensor' names; the sorting logic is unchanged."""
+    module = importlib.import_module(module_name)
+    cls = getattr(module, class_name)
+    if not _mark(cls, shim_name):
+        return False
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        with _parameters_report_cuda_type_names():
+            original(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return True
+
+
+def _shim_distrib_optimizer_adam_step() -> bool:
+    """Give each parameter its own torch Adam ``step`` when a DistributedOptimizer checkpoint loads.
+
+    Without transformer-engine or apex (always the case on CPU) the inner optimizer is torch's Adam,
+    whose per-parameter state holds a ``step`` tensor next to the moments. megatron's load (1) puts
+    ONE step tensor, restored from the checkpoint's param groups, into every parameter's state,
+    and torch's Adam increments each parameter's step in place, so after a resume the shared step
+    advances once per parameter per optimizer step (wrong bias correction from the first step on);
+    (2) then copies the loaded tensors into every state key, and the tensors of the 'fully_reshardable'
+    and 'fully_sharded_model_space' formats have no ``step`` (KeyError: 'step'). Before megatron's
+    copy, the wrapper gives the parameter a private copy of the restored step and passes it as its
+    own source; everything else is megatron's."""
+    module = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    cls = module.DistributedOptimizer
+    if not _mark(cls, "distrib_optimizer_adam_step"):
+        return False
+    original = cls._set_main_param_and_optimizer_states
+
+    @functools.wraps(original)
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+            if "step" in state:
+                state["step"] = state["step"].clone()
+                tensors = {**tensors, "step": state["step"]}
+        return original(self, model_param, tensors)
+
+    cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    return True
+
+
+# --- shim: activation recomputation's CUDA RNG state -------------------------------------------------
+
+
+def _shim_recompute_rng_states() -> bool:
+    """Activation recomputation (``tensor_parallel.checkpoint``) saves and restores the CUDA
+    generator's state around the recomputed forward, beside the CPU generator and the tracker's
+    named streams. Without CUDA there is no CUDA generator: every random draw of a CPU run comes from
+    the CPU generator and the (CPU) tracker, which it already saves and restores, so the CUDA part is
+    an empty placeholder and restoring it does nothing."""
+    module = importlib.import_module("megatron.core.tensor_parallel.random")
+    if not _mark(module, "recompute_rng_states"):
+        return False
+    module._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    module._set_cuda_rng_state = lambda *args, **kwargs: None
+    return True
+
+
 # --- shim: megatron's all-to-all MoE token dispatcher (added with the MoE layer benchmark) ----------
 
 
@@ -343,10 +444,45 @@ SHIMS: tuple[Shim, ...] = (
         "finishing a checkpoint save all-reduces its failure flag in a tensor on torch.cuda.current_device()",
     ),
     Shim(
+        "float16_optimizer_param_types",
+        "Float16OptimizerWithFloat16Params (training.precision=bf16) accepts only parameters whose "
+        "type() is 'torch.cuda.{Float,Half,BFloat16}Tensor' (TypeError: Wrapped parameters must be one of ...)",
+        functools.partial(
+            _shim_optimizer_param_types,
+            "megatron.core.optimizer.optimizer",
+            "Float16OptimizerWithFloat16Params",
+            "float16_optimizer_param_types",
+        ),
+    ),
+    Shim(
+        "distrib_optimizer_param_types",
+        "DistributedOptimizer._build_model_and_main_param_groups accepts only parameters whose type() is "
+        "'torch.cuda.{Float,Half,BFloat16}Tensor' (TypeError: Wrapped parameters must be one of ...)",
+        functools.partial(
+            _shim_optimizer_param_types,
+            "megatron.core.optimizer.distrib_optimizer",
+            "DistributedOptimizer",
+            "distrib_optimizer_param_types",
+        ),
+    ),
+    Shim(
+        "distrib_optimizer_adam_step",
+        "loading a DistributedOptimizer checkpoint with torch's Adam (no transformer-engine/apex) copies "
+        "the loaded tensors into every Adam state key, 'step' is not among them (KeyError: 'step'), and "
+        "it shares one step tensor between all parameters, which torch's Adam increments once per parameter",
+        _shim_distrib_optimizer_adam_step,
+    ),
+    Shim(
         "router_gemm_without_te",
         "megatron's router gating reads the name te_general_gemm, which is only defined when "
         "transformer-engine imports (NameError without it)",
         _shim_te_general_gemm,
+    ),
+    Shim(
+        "recompute_rng_states",
+        "activation recomputation (tensor_parallel.checkpoint, training.recompute=full|selective) saves "
+        "the CUDA generator state with torch.cuda.get_rng_state (AssertionError: Torch not compiled with CUDA enabled)",
+        _shim_recompute_rng_states,
     ),
     Shim(
         "moe_alltoall_dispatcher",

@@ -79,7 +79,7 @@ def _tiny_transformer_config(**kw):
     return TransformerConfig(**{**base, **kw})
 
 
-def _ddp_linear(config):
+def _ddp_linear(config, ddp_config=None, dtype=torch.float32, bias=False):
     """A 16->4 linear inside megatron's DistributedDataParallel (contiguous grad buffer)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.enums import ModelType
@@ -89,7 +89,7 @@ def _ddp_linear(config):
         def __init__(self):
             super().__init__(config)
             self.model_type = ModelType.encoder_or_decoder
-            self.proj = torch.nn.Linear(16, 4, bias=False)
+            self.proj = torch.nn.Linear(16, 4, bias=bias, dtype=dtype)
 
         def set_input_tensor(self, tensor):  # the schedules call it; a single stage has no input tensor
             pass
@@ -98,7 +98,7 @@ def _ddp_linear(config):
             return self.proj(x)
 
     torch.manual_seed(0)
-    return DistributedDataParallel(config, DistributedDataParallelConfig(), Linear())
+    return DistributedDataParallel(config, ddp_config or DistributedDataParallelConfig(), Linear())
 
 
 def _single_rank_walk() -> dict:
@@ -128,6 +128,7 @@ def _single_rank_walk() -> dict:
         "clip_grads_device",
         "clip_grads_cpu",
         "schedules_cuda_tensors",
+        "recompute_rng_states",
     ]
     w = _Walk(skip=set(names))
     ps.initialize_model_parallel()
@@ -246,6 +247,27 @@ def _single_rank_walk() -> dict:
         w.apply("schedules_cuda_tensors")
         losses = step()
         w.check("schedules_cuda_tensors", ok=len(losses) == 1 and weight.main_grad.abs().sum().item() > 0)
+
+        # recompute_rng_states: activation recomputation of a region with dropout; the replay must draw
+        # the same mask, so output and input gradient equal those of the plain (stored) forward.
+        def dropped(v):
+            return torch.nn.functional.dropout(v, 0.5, training=True) * 3.0
+
+        xr = torch.randn(4, 8, requires_grad=True)
+        w.without("recompute_rng_states", lambda: tensor_parallel.checkpoint(dropped, False, xr).sum().backward())
+        w.apply("recompute_rng_states")
+        xr.grad = None
+        torch.manual_seed(3)
+        y_ckpt = tensor_parallel.checkpoint(dropped, False, xr)
+        (y_ckpt * torch.arange(8.0)).sum().backward()
+        g_ckpt, xr.grad = xr.grad.clone(), None
+        torch.manual_seed(3)
+        y_plain = dropped(xr)
+        (y_plain * torch.arange(8.0)).sum().backward()
+        w.check(
+            "recompute_rng_states",
+            ok=torch.equal(y_ckpt, y_plain) and torch.equal(g_ckpt, xr.grad) and bool((y_plain == 0).any()),
+        )
         return w.out
     finally:
         ps.destroy_model_parallel()
@@ -418,6 +440,117 @@ def _two_rank_walk(ckpt_root: str) -> dict:
         ps.destroy_model_parallel()
 
 
+def _optimizer_walk(ckpt_root: str) -> dict:
+    """training.precision=bf16 and training.distributed_optimizer=true on one rank: megatron's
+    bf16 optimizer and DistributedOptimizer over a bf16 linear (the two type-check shims), then a
+    DistributedOptimizer checkpoint saved and loaded as train/checkpoint.py does (the Adam-step shim)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_timeexpert.train import distopt
+
+    names = ["float16_optimizer_param_types", "distrib_optimizer_param_types", "distrib_optimizer_adam_step"]
+    w = _Walk(skip=set(names))
+    ps.initialize_model_parallel()
+    try:
+        torch.manual_seed(3)
+        inp = torch.randn(8, 16).bfloat16()
+        cfg = _tiny_transformer_config(bf16=True, params_dtype=torch.bfloat16)
+
+        def backward(model):
+            model.zero_grad_buffer()
+            model(inp).float().pow(2).sum().backward()
+            model.finish_grad_sync()
+            return {n: p.main_grad.clone() for n, p in model.module.named_parameters()}
+
+        # float16_optimizer_param_types: bf16 weights, fp32 main copies, one SGD step.
+        model = _ddp_linear(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True), torch.bfloat16)
+        sgd = OptimizerConfig(optimizer="sgd", lr=0.1, weight_decay=0.0, sgd_momentum=0.0, clip_grad=0.0, bf16=True)
+        w.without("float16_optimizer_param_types", lambda: get_megatron_optimizer(sgd, [model]))
+        w.apply("float16_optimizer_param_types")
+        opt = get_megatron_optimizer(sgd, [model])
+        weight = model.module.proj.weight
+        before = weight.main_param.detach().clone()
+        grad = backward(model)["proj.weight"]
+        opt.step()
+        w.check(
+            "float16_optimizer_param_types",
+            main_fp32=weight.main_param.dtype == torch.float32 and weight.dtype == torch.bfloat16,
+            sgd_on_main=torch.allclose(weight.main_param, before - 0.1 * grad, rtol=1e-6, atol=1e-7),
+            weight_is_rounded_main=torch.equal(weight.detach(), weight.main_param.detach().bfloat16()),
+        )
+
+        # distrib_optimizer_param_types: the same with the state sharded over (one) DP rank, Adam.
+        ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
+        dmodel = _ddp_linear(cfg, ddp, torch.bfloat16, bias=True)
+        adam = OptimizerConfig(
+            optimizer="adam", lr=0.01, weight_decay=0.0, clip_grad=0.0, bf16=True, use_distributed_optimizer=True
+        )
+        w.without("distrib_optimizer_param_types", lambda: get_megatron_optimizer(adam, [dmodel]))
+        w.apply("distrib_optimizer_param_types")
+        dopt = get_megatron_optimizer(adam, [dmodel])
+        params = dict(dmodel.module.named_parameters())
+        before = {n: p.main_param.detach().clone().view(p.shape) for n, p in params.items()}
+        grads = backward(dmodel)
+        dopt.step()
+        eps, b1, b2 = adam.adam_eps, adam.adam_beta1, adam.adam_beta2
+        # First Adam step: m_hat = g, v_hat = g^2, so the update is lr * g / (|g| + eps).
+        first = {n: before[n] - 0.01 * g / (g.abs() + eps) for n, g in grads.items()}
+        w.check(
+            "distrib_optimizer_param_types",
+            adam_on_main=all(
+                torch.allclose(p.main_param.view(p.shape), first[n], atol=1e-6) for n, p in params.items()
+            ),
+            weights_gathered=all(
+                torch.equal(p.detach(), p.main_param.view(p.shape).bfloat16()) for p in params.values()
+            ),
+        )
+
+        # distrib_optimizer_adam_step: save the stepped optimizer, load it back, step once more.
+        model_sd = dmodel.module.sharded_state_dict()
+        path = Path(ckpt_root) / "distopt"
+        path.mkdir()
+        dist_checkpointing.save(
+            {"optimizer": dopt.sharded_state_dict(model_sd, metadata=distopt.checkpoint_metadata())}, str(path)
+        )
+        inner = getattr(dopt, "chained_optimizers", [dopt])[0].optimizer
+        saved = {n: {k: v.clone() for k, v in inner.state[p.main_param].items()} for n, p in params.items()}
+
+        def load():
+            sd = dopt.sharded_state_dict(model_sd, is_loading=True, metadata=distopt.checkpoint_metadata())
+            dopt.load_state_dict(dist_checkpointing.load({"optimizer": sd}, str(path))["optimizer"])
+
+        w.without("distrib_optimizer_adam_step", load)
+        w.apply("distrib_optimizer_adam_step")
+        load()
+        restored = all(
+            torch.equal(inner.state[p.main_param][k], saved[n][k]) for n, p in params.items() for k in saved[n]
+        )
+        after_first = {n: p.main_param.detach().clone().view(p.shape) for n, p in params.items()}
+        grads = backward(dmodel)
+        dopt.step()
+        steps = [inner.state[p.main_param]["step"] for p in params.values()]
+
+        def second(n, g):  # Adam's second step from the restored moments, bias-corrected with step 2
+            m = b1 * saved[n]["exp_avg"].view(g.shape) + (1 - b1) * g
+            v = b2 * saved[n]["exp_avg_sq"].view(g.shape) + (1 - b2) * g * g
+            return after_first[n] - 0.01 * (m / (1 - b1**2)) / ((v / (1 - b2**2)).sqrt() + eps)
+
+        w.check(
+            "distrib_optimizer_adam_step",
+            state_restored=restored,
+            own_step_each=len({id(t) for t in steps}) == len(steps) and all(float(t) == 2.0 for t in steps),
+            second_step=all(
+                torch.allclose(p.main_param.view(p.shape), second(n, grads[n]), atol=1e-6) for n, p in params.items()
+            ),
+        )
+        return w.out
+    finally:
+        ps.destroy_model_parallel()
+
+
 def _apply_twice() -> dict:
     """apply_cpu_shims on a fresh interpreter: what it returns twice and what it logs."""
 
@@ -441,6 +574,7 @@ def _apply_twice() -> dict:
 
 # For each shim: the megatron-core file (and function) that raises without it, and the error text.
 EXPECTED = {
+    "recompute_rng_states": ("tensor_parallel/random.py:_get_cuda_rng_state", NO_CUDA),
     "rng_tracker": ("tensor_parallel/random.py", NO_CUDA),
     "causal_mask_device": ("transformer/utils.py:get_default_causal_mask", NO_CUDA),
     "global_buffer_device": ("utils.py:get_tensor", NO_CUDA),
@@ -460,6 +594,15 @@ EXPECTED = {
     "p2p_cuda_device": ("pipeline_parallel/p2p_communication.py:create_tensor_recv_prev", NO_CUDA),
     "checkpoint_writer_sync": ("dist_checkpointing/strategies/filesystem_async.py", NO_CUDA),
     "checkpoint_finalize_device": ("dist_checkpointing/strategies/state_dict_saver.py", NO_CUDA),
+    "float16_optimizer_param_types": ("optimizer/optimizer.py:__init__", "TypeError: Wrapped parameters must be"),
+    "distrib_optimizer_param_types": (
+        "optimizer/distrib_optimizer.py:_build_model_and_main_param_groups",
+        "TypeError: Wrapped parameters must be",
+    ),
+    "distrib_optimizer_adam_step": (
+        "optimizer/distrib_optimizer.py:_set_main_param_and_optimizer_states",
+        "KeyError: 'step'",
+    ),
 }
 
 
@@ -469,8 +612,10 @@ def observed() -> dict[str, list[dict]]:
     single = run_distributed(_single_rank_walk, 1, timeout=240)
     with tempfile.TemporaryDirectory() as tmp:
         two = run_distributed(_two_rank_walk, 2, args=(tmp,), timeout=240)
+    with tempfile.TemporaryDirectory() as tmp:
+        optim = run_distributed(_optimizer_walk, 1, args=(tmp,), timeout=240)
     out: dict[str, list[dict]] = {}
-    for per_rank in (single, two):
+    for per_rank in (single, two, optim):
         for ranks_view in per_rank:
             for name, seen in ranks_view.items():
                 out.setdefault(name, []).append(seen)

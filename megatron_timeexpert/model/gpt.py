@@ -31,11 +31,14 @@ def layer_backend() -> str:
 
 
 def transformer_config(cfg: Config):
-    """megatron-core ``TransformerConfig`` for this run (fp32 on CPU, per-token loss averaging)."""
+    """megatron-core ``TransformerConfig`` for this run (``training.precision``, per-token loss averaging)."""
     from megatron.core.transformer import TransformerConfig
 
     m, moe, par = cfg.model, cfg.moe, cfg.parallel
     uses_megatron_moe = moe.router == "megatron"
+    # bf16: layers are built in bf16 (our expert slots follow params_dtype; our routers build fp32)
+    # and pipeline stages exchange bf16 activations; the trainer wraps each chunk in Float16Module.
+    dtype = torch.bfloat16 if cfg.training.precision == "bf16" else torch.float32
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -62,16 +65,32 @@ def transformer_config(cfg: Config):
         moe_token_dispatcher_type=moe.dispatcher,
         moe_grouped_gemm=False,
         use_cpu_initialization=True,
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
-        bf16=False,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
         calculate_per_token_loss=True,
         gradient_accumulation_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
+        **_recompute_fields(cfg),
     )
+
+
+def _recompute_fields(cfg: Config) -> dict:
+    """megatron's activation-recomputation fields from ``training.recompute*``."""
+    t = cfg.training
+    if t.recompute == "full":
+        return {
+            "recompute_granularity": "full",
+            "recompute_method": "uniform",
+            "recompute_num_layers": t.recompute_num_layers,
+        }
+    if t.recompute == "selective":
+        modules = [m.strip() for m in t.recompute_modules.split(",") if m.strip()]
+        return {"recompute_granularity": "selective", "recompute_modules": modules}
+    return {}
 
 
 def _base_layer_spec(backend: str, num_experts: int | None):
@@ -102,13 +121,45 @@ def router_config(cfg: Config):
     )
 
 
-def _our_moe_spec(cfg: Config, dense):
+def backend_norm(backend: str):
+    """The norm module of a layer backend ('te', 'apex' or 'torch')."""
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    if backend == "apex":
+        from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+
+        return FusedLayerNorm
+    return SequenceParallelTorchNorm
+
+
+PRE_MLP_NORM_KEY = "pre_mlp_layernorm."
+
+
+def our_moe_spec(cfg: Config, dense, backend: str):
     """The dense layer spec with its MLP replaced by our MoE layer (fixed expert slots, variable-k
-    all-to-all); see megatron_timeexpert/moe/spec.py."""
+    all-to-all; see megatron_timeexpert/moe/spec.py) and a real pre-MLP norm.
+
+    transformer-engine's dense spec fuses the pre-MLP norm into its fc1 (``TELayerNormColumnParallelLinear``)
+    and leaves ``pre_mlp_layernorm`` an identity; our MoE layer replaces that fc1, so the norm would
+    be lost and the router and experts would see the raw residual stream. The layer therefore always
+    gets the backend's own norm module there (as megatron's MoE specs do), and its checkpoint key is
+    ``pre_mlp_layernorm.*`` on every backend: the local spec's key map, which renames that norm to
+    the fused fc1's ``mlp.linear_fc1.layer_norm_*``, is dropped for our layer (that fc1 does not exist).
+    """
+    from megatron.core.transformer.identity_op import IdentityOp
+
     from megatron_timeexpert.moe.spec import get_timeexpert_moe_spec
 
     spec = copy.deepcopy(dense)
-    spec.submodules.mlp = get_timeexpert_moe_spec(
+    sub = spec.submodules
+    if sub.pre_mlp_layernorm is IdentityOp or isinstance(sub.pre_mlp_layernorm, IdentityOp):
+        sub.pre_mlp_layernorm = backend_norm(backend)
+    sub.sharded_state_dict_keys_map = {
+        k: v for k, v in (sub.sharded_state_dict_keys_map or {}).items() if not k.startswith(PRE_MLP_NORM_KEY)
+    }
+    sub.mlp = get_timeexpert_moe_spec(
         router_config(cfg), ffn_hidden_size=cfg.model.ffn_hidden_size, expert_init_seed=cfg.training.seed
     )
     return spec
@@ -128,21 +179,14 @@ def block_spec(cfg: Config, tconfig, vp_stage: int | None):
 
     backend = layer_backend()
     dense = _base_layer_spec(backend, None)
-    moe = _base_layer_spec(backend, cfg.moe.num_experts) if cfg.moe.router == "megatron" else _our_moe_spec(cfg, dense)
+    if cfg.moe.router == "megatron":
+        moe = _base_layer_spec(backend, cfg.moe.num_experts)
+    else:
+        moe = our_moe_spec(cfg, dense, backend)
     all_specs = [moe if _is_moe_layer(cfg, i) else dense for i in range(cfg.model.num_layers)]
     offset = get_transformer_layer_offset(tconfig, vp_stage=vp_stage)
     count = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
-    if backend == "te":
-        from megatron.core.extensions.transformer_engine import TENorm
-
-        final_norm = TENorm
-    elif backend == "apex":
-        from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
-
-        final_norm = FusedLayerNorm
-    else:
-        final_norm = SequenceParallelTorchNorm
-    return TransformerBlockSubmodules(layer_specs=all_specs[offset : offset + count], layer_norm=final_norm)
+    return TransformerBlockSubmodules(layer_specs=all_specs[offset : offset + count], layer_norm=backend_norm(backend))
 
 
 def build_model(cfg: Config) -> list[torch.nn.Module]:

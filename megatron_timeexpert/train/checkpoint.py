@@ -4,8 +4,8 @@ Layout on disk (``save_dir``)::
 
     iter_0000010/            complete checkpoint of step 10
         COMPLETE             json marker, written last (step, layout, time)
-        train_state.pt       step, consumed samples, LR scheduler, config (rank 0)
-        rng/rank_00003.pt    per-rank RNG states (restored only into the same world size)
+        train_state.json     step, consumed samples, LR scheduler, config (rank 0; plain JSON)
+        rng/rank_00003.pt    per-rank RNG states, tensors only (restored only into the same world size)
         ...                  megatron dist_checkpointing shards: model + optimizer state
     .tmp-iter_0000012/       a save that was cut off: never loaded, removed by the next save
     latest                   text file naming the newest complete checkpoint (a hint only)
@@ -14,6 +14,12 @@ Atomicity: every rank writes into ``.tmp-iter_N``; after a barrier rank 0 writes
 renames the folder to ``iter_N`` (an atomic rename on POSIX). A loader only considers folders named
 ``iter_N`` that contain a valid ``COMPLETE`` marker, so a writer killed at any point leaves the
 newest complete checkpoint as the one that is loaded.
+
+Loading never unpickles arbitrary objects: the train state is JSON, RNG states are saved as a dict
+of tensors and read with ``torch.load(weights_only=True)``, which refuses anything else (a downloaded
+checkpoint cannot run code on the machine that loads it; :class:`UnsafeCheckpointError` names the
+file). Checkpoints of earlier versions kept the train state in ``train_state.pt``; it is read the
+same safe way.
 
 Model and optimizer state are ``ShardedTensor``s keyed by global parameter names, so a checkpoint
 written at one (TP, PP, EP, VPP) layout loads at any other. Communication: ``save``/``load`` are
@@ -37,6 +43,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_timeexpert.train import distopt
+
 log = logging.getLogger(__name__)
 
 _ITER = re.compile(r"^iter_(\d{7})$")
@@ -44,6 +52,35 @@ MARKER = "COMPLETE"
 # Fault injection for tests: kill this process after the shards of this step are written but
 # before the checkpoint is marked complete.
 KILL_DURING_SAVE_ENV = "TIMEEXPERT_FAULT_KILL_DURING_SAVE"
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds pickled objects beyond tensors and plain containers; it is not loaded."""
+
+
+def _safe_torch_load(file: Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts only."""
+    import pickle
+
+    try:
+        return torch.load(file, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{file}: refusing to load it: it holds pickled objects other than tensors and plain containers, "
+            f"which could run code on this machine (torch.load(weights_only=True) said: {str(e).splitlines()[0]}). "
+            "Checkpoints written by megatron-timeexpert never do; was this file replaced?"
+        ) from None
+
+
+def _read_train_state(path: Path) -> dict[str, Any]:
+    """The rank-0 train state: ``train_state.json``, or the older ``train_state.pt`` read safely."""
+    js = path / "train_state.json"
+    if js.is_file():
+        return json.loads(js.read_text())
+    old = path / "train_state.pt"
+    if old.is_file():
+        return _safe_torch_load(old)
+    raise FileNotFoundError(f"{path} has no train_state.json")
 
 
 @dataclass
@@ -93,6 +130,17 @@ def latest_checkpoint(save_dir: str | Path) -> Path | None:
     """The newest complete checkpoint in ``save_dir``, or None."""
     found = complete_checkpoints(save_dir)
     return found[-1][1] if found else None
+
+
+def model_sharded_state(models: list[torch.nn.Module]) -> dict[str, Any]:
+    """Every chunk's ``sharded_state_dict`` (what a checkpoint stores of the model), by chunk."""
+    return _model_state(models)
+
+
+def optimizer_sharded_state(optimizer, model_sd: dict[str, Any], is_loading: bool = False) -> dict[str, Any]:
+    """The optimizer's ``sharded_state_dict`` against ``model_sd`` (what a checkpoint stores of it)."""
+    distopt.ensure_state(optimizer)  # a DistributedOptimizer before its first step (train/distopt.py)
+    return optimizer.sharded_state_dict(_flat(model_sd), is_loading=is_loading, metadata=distopt.checkpoint_metadata())
 
 
 def _model_state(models: list[torch.nn.Module]) -> dict[str, Any]:
@@ -150,21 +198,19 @@ def save_checkpoint(
     t0 = time.perf_counter()
     model_sd = _model_state(models)
     state = dict(model_sd)
-    state["optimizer"] = optimizer.sharded_state_dict(_flat(model_sd))
+    state["optimizer"] = optimizer_sharded_state(optimizer, model_sd)
     dist_checkpointing.save(state, str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0:
-        torch.save(
-            {
-                "step": train_state.step,
-                "consumed_samples": train_state.consumed_samples,
-                "scheduler": scheduler.state_dict(),
-                "world_size": dist.get_world_size(),
-                **(extra or {}),
-            },
-            tmp / "train_state.pt",
-        )
+        meta = {
+            "step": train_state.step,
+            "consumed_samples": train_state.consumed_samples,
+            "scheduler": scheduler.state_dict(),
+            "world_size": dist.get_world_size(),
+            **(extra or {}),
+        }
+        (tmp / "train_state.json").write_text(json.dumps(meta, indent=1))
     dist.barrier()
     if os.environ.get(KILL_DURING_SAVE_ENV) == str(train_state.step):
         log.error("fault injection: killing rank %d during the save of step %d", rank, train_state.step)
@@ -215,18 +261,18 @@ def load_checkpoint(
     model_sd = _model_state(models)
     state = dict(model_sd)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(_flat(model_sd), is_loading=True)
+        state["optimizer"] = optimizer_sharded_state(optimizer, model_sd, is_loading=True)
     loaded = dist_checkpointing.load(state, str(path))
     for i, model in enumerate(models):
         _unwrap(model).load_state_dict(loaded[f"model{i}"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
-    meta = torch.load(path / "train_state.pt", weights_only=False)
+    meta = _read_train_state(path)
     if scheduler is not None:
         scheduler.load_state_dict(meta["scheduler"])
     rng = path / "rng" / f"rank_{dist.get_rank():05d}.pt"
     if optimizer is not None and meta.get("world_size") == dist.get_world_size() and rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(_safe_torch_load(rng))
     if dist.get_rank() == 0:
         log.info("loaded checkpoint %s (step %d)", path, meta["step"])
     return TrainState(meta["step"], meta["consumed_samples"]), meta

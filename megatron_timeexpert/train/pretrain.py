@@ -25,7 +25,9 @@ import torch.distributed as dist
 from megatron_timeexpert.config import Config
 from megatron_timeexpert.model.gpt import build_model, transformer_config
 from megatron_timeexpert.train import checkpoint as ckpt
+from megatron_timeexpert.train.fault import StepGuard
 from megatron_timeexpert.train.metrics import MetricsLogger, format_line
+from megatron_timeexpert.train.precision import param_group_overrides, wrap_bf16
 from megatron_timeexpert.train.synthetic import SyntheticTokens
 from parallel.cpu_compat import apply_cpu_shims
 
@@ -56,22 +58,35 @@ def _loss_func(output_tensor: torch.Tensor):
 
 
 def _forward_step(data_iterator, model):
+    """One microbatch through one model chunk. Token types ``[b, s]`` ride in megatron's per-token
+    ``padding_mask`` argument, which megatron threads to every MLP and replays when a layer is
+    recomputed (our MoE layer reads them from there; see moe/layer.py). Megatron's own MoE layer
+    would read it as a padding mask, so it gets none."""
     batch = next(data_iterator)
     device = next(model.parameters()).device
     token_type = batch.get("token_type")
-    for layer in _moe_layers(model):
-        layer.set_token_types(None if token_type is None else token_type.to(device))
+    extra = {}
+    if token_type is not None and _moe_layers(model):
+        extra["padding_mask"] = token_type.to(device)
     output = model(
         batch["tokens"].to(device),
         batch["position_ids"].to(device),
         None,
         labels=batch["labels"].to(device),
+        **extra,
     )
     return output, _loss_func
 
 
 def _moe_layers(model: torch.nn.Module):
-    return [m for m in model.modules() if hasattr(m, "set_token_types") and hasattr(m, "pop_metrics")]
+    """Our MoE layers in ``model`` (megatron's own MoE layer is not one of them)."""
+    return [m for m in model.modules() if hasattr(m, "set_aux_loss_scale") and hasattr(m, "pop_metrics")]
+
+
+def _loss_tokens(microbatch: dict[str, torch.Tensor]) -> int:
+    """Tokens that count in the main loss (``loss_mask`` when the batch has one, else every label)."""
+    mask = microbatch.get("loss_mask")
+    return int(mask.sum()) if mask is not None else microbatch["labels"].numel()
 
 
 class Pretrainer:
@@ -92,7 +107,6 @@ class Pretrainer:
         self.optimizer = self._optimizer()
         self.scheduler = self._scheduler()
         self.state = ckpt.TrainState()
-        self._scale_router_losses()
         self.data = self._data()
         self._restore()
 
@@ -105,8 +119,13 @@ class Pretrainer:
             finalize_model_grads,
         )
 
+        t = self.cfg.training
+        if t.precision == "bf16":
+            # Float16Module casts the chunk to bf16 except our routers (fp32 weights, float64
+            # records: routing decisions and counts are not rounded); see train/precision.py.
+            chunks = [wrap_bf16(chunk, self.tconfig, keep=[m.router for m in _moe_layers(chunk)]) for chunk in chunks]
         ddp_cfg = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=t.distributed_optimizer
         )
         wrapped = [
             DistributedDataParallel(self.tconfig, ddp_cfg, chunk, disable_bucketing=i > 0)
@@ -127,12 +146,29 @@ class Pretrainer:
             adam_beta1=t.adam_beta1,
             adam_beta2=t.adam_beta2,
             clip_grad=t.clip_grad,
-            bf16=False,
+            bf16=t.precision == "bf16",
             fp16=False,
-            params_dtype=torch.float32,
-            use_distributed_optimizer=False,
+            params_dtype=self.tconfig.params_dtype,
+            use_distributed_optimizer=t.distributed_optimizer,
         )
-        return get_megatron_optimizer(ocfg, self.models)
+        # bf16: our routers' fp32 parameters go in param groups of their own (train/precision.py).
+        overrides = param_group_overrides(ocfg) if t.precision == "bf16" else None
+        optimizer = get_megatron_optimizer(ocfg, self.models, config_overrides=overrides)
+        # As megatron's training loop does: the schedules scale the loss that starts backward (and
+        # router losses) by the optimizer's loss scale (1.0 for fp32 and for bf16 without a scaler).
+        self.tconfig.grad_scale_func = optimizer.scale_loss
+        if self.rank == 0:
+            log.info(
+                "precision %s (%s), optimizer %s",
+                t.precision,
+                "bf16 weights and activations, fp32 main weights, routers fp32"
+                if t.precision == "bf16"
+                else "fp32 weights",
+                "distributed (state sharded over data-parallel ranks)"
+                if t.distributed_optimizer
+                else "replicated on every data-parallel rank",
+            )
+        return optimizer
 
     def _scheduler(self):
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -168,16 +204,34 @@ class Pretrainer:
             dp_size=ps.get_data_parallel_world_size(),
         )
 
-    def _scale_router_losses(self) -> None:
-        """Router losses of our MoE layers are means over a rank's tokens of one microbatch. Gradients
-        are summed over microbatches and DP ranks (and TP ranks for the sequence-parallel router) and
-        then divided by the global token count (per-token loss); scaling the injected router-loss
-        gradient by tokens/(microbatch x rank) makes the result their mean over microbatches and ranks."""
-        c = self.cfg
-        scale = c.training.micro_batch_size * c.model.seq_length / c.parallel.tp
-        for model in self.models:
-            for layer in _moe_layers(model):
-                layer.set_aux_loss_scale(scale)
+    def _scale_router_losses(self, microbatches: list[dict[str, torch.Tensor]]) -> None:
+        """Set the gradient our MoE layers inject into their router losses for this step.
+
+        The main loss is megatron's per-token loss: the summed token losses are back-propagated
+        (times ``grad_scale_func(1)``, the fp16 loss scale) and ``finalize_model_grads`` divides the
+        gradients by N, the loss tokens of the global batch. Each router loss is a mean over one
+        microbatch's tokens (reduced over its TP chunks), and the objective takes their mean over the
+        M microbatches of the global batch, so each receives ``grad_scale * N / M``. N counts the
+        same tokens as the main loss (loss masks included): one all_reduce of two numbers over the DP
+        group per step. The value is constant within the step, so recomputed forwards reuse it.
+        """
+        from megatron.core import parallel_state as ps
+
+        layers = [layer for model in self.models for layer in _moe_layers(model)]
+        if not layers:
+            return
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # NCCL needs CUDA tensors
+        counts = torch.tensor(
+            [sum(_loss_tokens(mb) for mb in microbatches), len(microbatches)], dtype=torch.float64, device=device
+        )
+        dist.all_reduce(counts, group=ps.get_data_parallel_group())
+        loss_tokens, num_microbatches = counts.tolist()
+        grad_scale = 1.0
+        if self.tconfig.grad_scale_func is not None:
+            grad_scale = float(self.tconfig.grad_scale_func(torch.ones(1, device=device)))
+        scale = grad_scale * loss_tokens / num_microbatches
+        for layer in layers:
+            layer.set_aux_loss_scale(scale)
 
     def _restore(self) -> None:
         t = self.cfg.training
@@ -191,6 +245,10 @@ class Pretrainer:
             path = ckpt.latest_checkpoint(t.load_dir) or Path(t.load_dir)
             if t.finetune:
                 ckpt.load_checkpoint(path, self.models)
+                # bf16: the optimizer's fp32 main weights were copied from the model when it was
+                # built; refresh them from the loaded weights (megatron's loop does the same), or
+                # the first step would write the initial weights back.
+                self.optimizer.reload_model_params()
                 return
         if path is not None:
             self.state, _ = ckpt.load_checkpoint(path, self.models, self.optimizer, self.scheduler)
@@ -204,6 +262,7 @@ class Pretrainer:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         mbs = self.data.microbatches(self.state.consumed_samples)
+        self._scale_router_losses(mbs)
         iters = [iter(mbs) for _ in self.models] if len(self.models) > 1 else iter(mbs)
         reduced = get_forward_backward_func()(
             forward_step_func=_forward_step,
@@ -278,10 +337,13 @@ class Pretrainer:
         )
         tokens_per_step = t.global_batch_size * c.model.seq_length
         last_step = t.train_steps if t.stop_at_step is None else min(t.train_steps, t.stop_at_step)
+        # Pre-emption signal -> stop after an agreed step; a dead rank -> an error naming the step.
+        guard = StepGuard(c.parallel.collective_timeout_s).start()
         try:
             while self.state.step < last_step:
                 t0 = time.perf_counter()
-                loss, grad_norm = self._step()
+                with guard.step(self.state.step + 1):
+                    loss, grad_norm = self._step()
                 step_time = time.perf_counter() - t0
                 result.losses.append(loss)
                 result.grad_norms.append(grad_norm)
@@ -305,11 +367,14 @@ class Pretrainer:
                 # averages over the whole logging interval (no collective on the other steps).
                 if t.save_dir and t.save_interval and self.state.step % t.save_interval == 0:
                     result.checkpoint = str(self.save())
+                if guard.should_stop(self.state.step):
+                    break  # pre-empted: the final save below writes this step's checkpoint
             if t.save_dir and (
                 result.checkpoint is None or not result.checkpoint.endswith(ckpt.checkpoint_name(self.state.step))
             ):
                 result.checkpoint = str(self.save())
         finally:
+            guard.close()
             bar.close()
             sink.close()
         return result

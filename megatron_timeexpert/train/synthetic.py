@@ -8,8 +8,8 @@ Position in the stream is just the number of consumed samples, which checkpoints
 
 Token types (for the TimeExpert router's per-type statistics) are a fixed function of the token id:
 the vocabulary is cut into four equal ranges, visual | text | time | score, in the order of
-:class:`~megatron_timeexpert.moe.types.TokenType`. They are given ``[s, b]`` (sequence first, as the
-MoE layer expects). No communication.
+:class:`~megatron_timeexpert.moe.types.TokenType`. They are given ``[b, s]``, like the tokens (the trainer
+passes them to the model as megatron's per-token ``padding_mask``; see train/pretrain.py). No communication.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class SyntheticTokens:
                     "tokens": mb[:, :-1].contiguous(),
                     "labels": mb[:, 1:].contiguous(),
                     "position_ids": torch.arange(self.seq_length).unsqueeze(0).expand(mb.shape[0], -1).contiguous(),
-                    "token_type": token_types(mb[:, :-1], self.vocab_size).t().contiguous(),
+                    "token_type": token_types(mb[:, :-1], self.vocab_size),
                 }
             )
         return out
