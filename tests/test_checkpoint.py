@@ -7,6 +7,7 @@ import json
 import logging
 
 import pytest
+import torch
 
 from megatron_timeexpert.train.checkpoint import KILL_DURING_SAVE_ENV, MARKER, complete_checkpoints, latest_checkpoint
 from parallel.testing import DistributedRunError
@@ -60,3 +61,58 @@ def test_killed_writer_checkpoint_is_skipped_on_resume(tmp_path):
     assert resumed.losses == straight[2:]
     assert latest_checkpoint(save_dir) == save_dir / "iter_0000004"
     assert not partial.exists(), "the next save removes the partial folder"
+
+    # A downloaded checkpoint whose RNG file was replaced by a pickle that runs code is refused by
+    # every rank with an error naming the file; the payload never runs.
+    victim = tmp_path / "pwned"
+    torch.save(
+        {"torch": torch.zeros(1), "payload": _RunsCode(victim)}, save_dir / "iter_0000004" / "rng" / "rank_00001.pt"
+    )
+    with pytest.raises(DistributedRunError, match="UnsafeCheckpointError: .*rank_00001.pt: refusing to load it"):
+        train(
+            tiny_config(
+                tmp_path / "d",
+                *layout,
+                "training.train_steps=6",
+                f"training.save_dir={save_dir}",
+                "training.resume=true",
+            ),
+            2,
+        )
+    assert not victim.exists(), "the pickle ran code"
+
+
+class _RunsCode:
+    """A pickle payload that would run code when unpickled (it would create the file ``path``)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_loading_refuses_pickles_that_run_code(tmp_path):
+    """RNG files and an old-style train_state.pt holding arbitrary objects are refused with an error
+    naming the file, and the payload never runs; plain tensors and containers load."""
+    import torch
+
+    from megatron_timeexpert.train.checkpoint import UnsafeCheckpointError, _read_train_state, _safe_torch_load
+
+    victim = tmp_path / "pwned"
+    evil = tmp_path / "rank_00000.pt"
+    torch.save({"torch": torch.zeros(3), "payload": _RunsCode(victim)}, evil)
+    with pytest.raises(UnsafeCheckpointError, match="rank_00000.pt: refusing to load it"):
+        _safe_torch_load(evil)
+    assert not victim.exists(), "the pickle ran code"
+
+    old = tmp_path / "old_ckpt"
+    old.mkdir()
+    torch.save({"step": 3, "payload": _RunsCode(victim)}, old / "train_state.pt")
+    with pytest.raises(UnsafeCheckpointError, match="train_state.pt"):
+        _read_train_state(old)
+    assert not victim.exists()
+
+    good = tmp_path / "good.pt"
+    torch.save({"torch": torch.arange(4), "tracker": {"model-parallel-rng": torch.ones(2)}}, good)
+    assert torch.equal(_safe_torch_load(good)["torch"], torch.arange(4))

@@ -5,6 +5,7 @@ parallelism, so a full local-spec layer cannot run TP = 2 on CPU)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from parallel.testing import run_distributed
@@ -20,6 +21,7 @@ def _transformer_layer_with_moe() -> dict:
     from megatron_timeexpert.moe.router import RouterConfig
     from megatron_timeexpert.moe.spec import TimeExpertMoEMLP, get_timeexpert_moe_spec
     from parallel.cpu_compat import apply_cpu_shims
+    from tests.moe_reference import reference_moe
 
     apply_cpu_shims()
     ps.initialize_model_parallel(expert_model_parallel_size=2, expert_tensor_parallel_size=1)
@@ -41,11 +43,26 @@ def _transformer_layer_with_moe() -> dict:
         torch.manual_seed(ps.get_data_parallel_rank())
         x = torch.randn(6, 2, 16, requires_grad=True)
         token_type = torch.randint(0, 4, (2, 6))  # [b, s], as megatron threads padding_mask to the MLP
+        seen = {}
+        layer.mlp.register_forward_hook(lambda mod, args, out: seen.update(x=args[0].detach(), y=out[0].detach()))
+        ref_router = layer.mlp.router.config.build(16)  # the same router on one process (no groups)
+        ref_router.load_state_dict(layer.mlp.router.state_dict())
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             out, _ = layer(x, attention_mask=None, padding_mask=token_type)
         out.sum().backward()
         names = {e.key for e in prof.key_averages()}
         metrics = layer.mlp.pop_metrics()
+        # The reference MoE on the MLP's input, with every expert's weights gathered by logical id.
+        ep = ps.get_expert_model_parallel_group()
+        w = {}
+        for name in ("w1", "w2"):
+            p = getattr(layer.mlp.experts, name).detach()
+            parts = [torch.empty_like(p) for _ in range(2)]
+            torch.distributed.all_gather(parts, p, group=ep)
+            w[name] = torch.cat(parts)[layer.mlp.placement.logical_to_physical]
+        y_ref, r_ref = reference_moe(
+            seen["x"].reshape(12, 16), token_type.t().reshape(-1), ref_router, w["w1"], w["w2"]
+        )
         return {
             "shape": tuple(out.shape),
             "ranges": sorted(n for n in names if n.startswith("moe/")),
@@ -53,6 +70,9 @@ def _transformer_layer_with_moe() -> dict:
             "router_grad": layer.mlp.router.weight.grad is not None and layer.mlp.router.weight.grad.abs().sum() > 0,
             "dx": x.grad is not None and bool(torch.isfinite(x.grad).all()),
             "metrics": metrics,
+            "mlp_err": (seen["y"].reshape(12, 16) - y_ref).abs().max().item(),
+            "mlp_scale": y_ref.abs().max().item(),
+            "k_ref": r_ref.routing_map.sum(1).double().mean().item(),
         }
     finally:
         ps.destroy_model_parallel()
@@ -66,7 +86,11 @@ def test_transformer_layer_runs_the_moe_mlp():
         assert r["expert_grads"] and r["router_grad"] and r["dx"]
         m = r["metrics"]
         assert m["forwards"] == 1 and m["loss/aux"] > 0 and m["loss/z"] > 0
+        # The layer inside megatron's TransformerLayer computes what the plain reference MoE computes.
+        assert r["mlp_scale"] > 0 and r["mlp_err"] <= 1e-5 * r["mlp_scale"], r
         assert sum(m[f"tokens_per_expert/{e}"] for e in range(4)) == m["experts_per_token/ALL"] * 24
+    # Mean experts per token over both ranks' tokens equals the reference routing's.
+    assert res[0]["metrics"]["experts_per_token/ALL"] == pytest.approx((res[0]["k_ref"] + res[1]["k_ref"]) / 2)
     # Statistics are reduced over the stage: every rank reports the same global numbers.
     assert res[0]["metrics"]["tokens_per_expert/0"] == res[1]["metrics"]["tokens_per_expert/0"]
     assert res[0]["metrics"]["bytes/dispatch_sent"] == res[1]["metrics"]["bytes/dispatch_sent"]

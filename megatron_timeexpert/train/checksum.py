@@ -28,6 +28,7 @@ parameter's first moment.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_timeexpert.train import checkpoint as ckpt
+
+
+_CHAINED = re.compile(r"^chained_\d+\.")
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,11 @@ def state_checksums(models: list[torch.nn.Module], optimizer=None) -> dict[str, 
     state: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
         state["optimizer"] = ckpt.optimizer_sharded_state(optimizer, model_sd)
-    local = local_partial_sums(state, _expert_slot_maps(models))
+    local: dict[str, list[float]] = {}
+    for key, acc in local_partial_sums(state, _expert_slot_maps(models)).items():
+        # megatron prefixes the keys of a ChainedOptimizer's parts ("chained_1.optimizer..."), and how
+        # many parts there are depends on the layout (dense and expert-parallel params split or not).
+        local[_CHAINED.sub("", key)] = acc
     gathered: list[dict[str, list[float]]] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, local)
     total: dict[str, list[float]] = {}
