@@ -37,7 +37,6 @@ import torch.distributed as dist
 
 from megatron_timeexpert.train import checkpoint as ckpt
 
-
 _CHAINED = re.compile(r"^chained_\d+\.")
 
 
