@@ -25,10 +25,10 @@ from parallel.testing import run_distributed
 TINY = "configs/tiny_moe.yaml"
 
 
-def tiny_config(tmp_path, tp: int, pp: int, ep: int, *overrides: str) -> Config:
-    """The tiny recipe at a layout, with sinks off and everything written under ``tmp_path``."""
+def tiny_config(tmp_path, tp: int, pp: int, ep: int, *overrides: str, recipe: str = TINY) -> Config:
+    """The tiny recipe (or ``recipe``) at a layout, with sinks off and everything under ``tmp_path``."""
     return load_config(
-        TINY,
+        recipe,
         [
             f"parallel.tp={tp}",
             f"parallel.pp={pp}",

@@ -36,7 +36,7 @@ import torch
 from megatron_timeexpert.config import Config, ConfigError, load_config
 from megatron_timeexpert.train.pretrain import RunResult
 from parallel.testing import run_distributed
-from tests.dist_runs import train
+from tests.dist_runs import tiny_config, train
 
 pytestmark = pytest.mark.slow
 
@@ -49,22 +49,7 @@ LOSS_RTOL_RELAYOUT, GNORM_RTOL_RELAYOUT = 1e-3, 1e-2
 
 def _recipe(tmp_path, tp: int, pp: int, ep: int, *overrides: str) -> Config:
     """The tiny TimeExpert recipe at a layout, sinks off, everything under ``tmp_path``."""
-    return load_config(
-        RECIPE,
-        [
-            f"parallel.tp={tp}",
-            f"parallel.pp={pp}",
-            f"parallel.ep={ep}",
-            f"training.train_steps={STEPS}",
-            "training.save_dir=null",
-            "training.save_interval=0",
-            "logging.progress_bar=false",
-            "logging.wandb=false",
-            "logging.tensorboard=false",
-            f"logging.run_dir={tmp_path / 'run'}",
-            *overrides,
-        ],
-    )
+    return tiny_config(tmp_path, tp, pp, ep, f"training.train_steps={STEPS}", *overrides, recipe=RECIPE)
 
 
 def _dtype_facts(trainer) -> dict:

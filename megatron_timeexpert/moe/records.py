@@ -33,14 +33,11 @@ and routes identically (DESIGN contract 3). Every rank of ``group`` must call ``
 same point (the number of forwards per rank in between does not matter). Float64 keeps counts
 exact up to 2**53 and makes the sums independent of the dtype of the hidden states.
 
-Activation recomputation: a forward that is run again in backward (megatron's recompute of a
-layer that contains the router) calls ``accumulate`` again, so the recomputed tokens are counted
-twice in that step's counts, totals, windows and R_S (for full recomputation of every microbatch:
-all counts of the step doubled, the per-type rates that feed A_t unchanged, as they are ratios).
-Routing itself is unaffected: A_t does not change within a step, so the recomputed forward routes
-exactly as the original one (with per-forward updates it would not, and its gradients would be
-those of a different routing). To keep counts exact under recomputation, keep the router outside
-the recomputed region.
+Activation recomputation: megatron runs a recomputed region twice, first without autograd and
+again in backward. The routers call ``accumulate`` only from forwards with autograd on (see
+``router._record``), so every token is counted once per step (tests/test_invariance.py checks the
+records with and without full and selective recomputation). Routing is the same in both passes:
+A_t does not change within a step, and the token types travel with the forward.
 """
 
 from __future__ import annotations
