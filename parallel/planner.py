@@ -1,0 +1,478 @@
+"""Placement planner: a new logical -> physical expert map that balances rank load with few moves.
+
+Pure logic (numpy), no process groups: every rank calls :func:`plan_placement` with the same globally
+reduced loads and the same current map, and gets the same plan (ties are broken by rank and expert
+ids, never by hashing or timing). The plan's map goes to :meth:`parallel.placement.ExpertPlacement.set_map`
+and its moves to the migration code (DESIGN contracts 2 and 6: shapes never change, a slot is the
+unit of migration).
+
+Model. ``E = ep_size * slots_per_rank`` physical slots; slot ``p`` lives on EP rank
+``p // slots_per_rank``; every slot holds exactly one logical id (active or not), so every rank always
+holds ``slots_per_rank`` experts and a change of rank is always part of a swap or a cycle. The load
+of a rank is the sum of its experts' loads (``load[e]``: running average of tokens routed to ``e``,
+weighted by its compute; inactive experts have load 0).
+
+Objective. Minimise the maximum rank load; among plans whose maximum is within
+``PlannerConfig.tolerance`` (relative) of the best maximum found, move the fewest experts. An
+expert "moves" when its RANK changes; an expert that stays on its rank keeps its slot (reordering
+slots within a rank would cost a copy and buy nothing). Candidates:
+
+* ``keep``: the current map (0 moves);
+* ``swaps``: every prefix of a greedy improvement walk from the current map: take the most loaded
+  rank, swap one of its experts with one on a lightly loaded rank so that the pair's larger load is
+  as small as possible (ties: fewer displaced experts, then lower ids), repeat while the maximum
+  falls and is above ``lower_bound * (1 + tolerance)``;
+* ``packing``: a from-scratch longest-processing-time packing (:func:`greedy_pack`), its bins
+  relabelled onto ranks so that as many experts as possible stay where they are;
+* ``packing+swaps``: that packing improved by the same swap walk.
+
+The best maximum found is the minimum over all candidates; the plan returned is the candidate with
+the fewest moves whose maximum is within the tolerance of it.
+
+The baseline the simulator and benchmark compare against, :func:`plan_greedy_packing`, is a
+non-incremental greedy balanced packing written from the published description of DeepSeek's EPLB
+(no replicas): experts sorted by load, heaviest first, each to the least loaded rank that still has a
+free slot; its bins are NOT relabelled, so it moves what EPLB moves.
+
+Simulator: ``python -m tools.placement_sim --loads zipf --ep 1024 --experts 4096`` (docs/PLACEMENT.md).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    """How the planner trades balance against moves."""
+
+    tolerance: float = 0.02
+    """Relative slack: a plan whose max rank load is <= best * (1 + tolerance) counts as balanced,
+    and among those the one moving the fewest experts wins."""
+
+    candidate_ranks: int = 16
+    """Swap partners examined per step: the least loaded ranks (all ranks are tried once before the
+    walk gives up)."""
+
+    max_swaps: int | None = None
+    """Cap on swaps per improvement walk (None: 2 * number of experts)."""
+
+    bytes_per_expert: int = 0
+    """Bytes that move with one expert (weights plus all optimizer state keyed to its slot);
+    ``PlacementPlan.bytes_moved = experts_moved * bytes_per_expert``."""
+
+    def __post_init__(self):
+        if not (self.tolerance >= 0 and np.isfinite(self.tolerance)):
+            raise ValueError(f"PlannerConfig.tolerance must be a finite number >= 0, got {self.tolerance}")
+        if int(self.candidate_ranks) != self.candidate_ranks or self.candidate_ranks < 1:
+            raise ValueError(f"PlannerConfig.candidate_ranks must be an integer >= 1, got {self.candidate_ranks}")
+        if self.max_swaps is not None and (int(self.max_swaps) != self.max_swaps or self.max_swaps < 0):
+            raise ValueError(f"PlannerConfig.max_swaps must be None or an integer >= 0, got {self.max_swaps}")
+        if int(self.bytes_per_expert) != self.bytes_per_expert or self.bytes_per_expert < 0:
+            raise ValueError(f"PlannerConfig.bytes_per_expert must be an integer >= 0, got {self.bytes_per_expert}")
+
+
+@dataclass(frozen=True)
+class Move:
+    """One logical expert changing rank: from (src_rank, src_slot) to (dst_rank, dst_slot)."""
+
+    expert: int
+    src_rank: int
+    src_slot: int
+    dst_rank: int
+    dst_slot: int
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    """A new placement map, the moves that produce it from the current one, and its predicted effect."""
+
+    logical_to_physical: tuple[int, ...]
+    """New map: logical expert e -> physical slot (a permutation of 0..E-1)."""
+    moves: tuple[Move, ...]
+    """Experts whose rank changes, by expert id; applying them to the old map gives the new one."""
+    ep_size: int
+    slots_per_rank: int
+    max_load_before: float
+    """Largest rank load under the current map."""
+    max_load_after: float
+    """Largest rank load under the new map (predicted with the same loads)."""
+    mean_load: float
+    """Mean rank load (the same before and after)."""
+    lower_bound: float
+    """max(mean rank load, largest single expert load): no map does better."""
+    best_max_load: float
+    """Smallest max rank load among the candidates the planner examined."""
+    bytes_moved: int
+    strategy: str
+    """Which candidate won: keep, swaps, packing, packing+swaps, or greedy-packing (the baseline)."""
+    plan_time_s: float = field(default=0.0, compare=False)
+
+    @property
+    def experts_moved(self) -> int:
+        return len(self.moves)
+
+    @property
+    def imbalance_before(self) -> float:
+        """max / mean rank load under the current map (1.0 when every load is 0)."""
+        return self.max_load_before / self.mean_load if self.mean_load > 0 else 1.0
+
+    @property
+    def imbalance_after(self) -> float:
+        """max / mean rank load under the new map (1.0 when every load is 0)."""
+        return self.max_load_after / self.mean_load if self.mean_load > 0 else 1.0
+
+    def map_tensor(self) -> torch.Tensor:
+        """The new map as a long tensor, ready for ``ExpertPlacement.set_map``."""
+        return torch.tensor(self.logical_to_physical, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------- inputs
+
+
+def _as_array(x, name: str, dtype) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # ragged lists and the like
+        raise ValueError(f"{name} must be a 1-D sequence of numbers: {exc}") from exc
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise ValueError(f"{name} must hold numbers, got dtype {arr.dtype}")
+    return arr.astype(dtype)
+
+
+def _check_inputs(load, current_map, ep_size: int, slots_per_rank: int) -> tuple[np.ndarray, np.ndarray]:
+    for name, v in (("ep_size", ep_size), ("slots_per_rank", slots_per_rank)):
+        if isinstance(v, bool) or int(v) != v or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    num = int(ep_size) * int(slots_per_rank)
+    load = _as_array(load, "load", np.float64)
+    if load.shape != (num,):
+        raise ValueError(f"load must have one entry per expert: ep_size * slots_per_rank = {num}, got {load.shape[0]}")
+    if not np.all(np.isfinite(load)):
+        bad = np.flatnonzero(~np.isfinite(load))[:8].tolist()
+        raise ValueError(f"load must be finite; experts {bad} are not")
+    if np.any(load < 0):
+        bad = np.flatnonzero(load < 0)[:8].tolist()
+        raise ValueError(f"load must be >= 0; experts {bad} are negative")
+    if current_map is None:
+        l2p = np.arange(num, dtype=np.int64)
+    else:
+        raw = _as_array(current_map, "current_map", np.float64)
+        if raw.shape != (num,):
+            raise ValueError(f"current_map must have {num} entries (ep_size * slots_per_rank), got {raw.shape[0]}")
+        if not np.all(raw == np.round(raw)):
+            raise ValueError("current_map must hold integer slot ids")
+        l2p = raw.astype(np.int64)
+        if not np.array_equal(np.sort(l2p), np.arange(num)):
+            raise ValueError(f"current_map must be a permutation of 0..{num - 1}")
+    return load, l2p
+
+
+def _rank_loads(load: np.ndarray, rank_of: np.ndarray, ep_size: int) -> np.ndarray:
+    return np.bincount(rank_of, weights=load, minlength=ep_size)
+
+
+# ----------------------------------------------------------------------------------- the packing
+
+
+def greedy_pack(load, ep_size: int, slots_per_rank: int) -> np.ndarray:
+    """EPLB-style balanced packing, from scratch: ``[ep_size, slots_per_rank]`` logical ids per bin.
+
+    Experts sorted by load, heaviest first (ties: lower id first); each goes to the least loaded bin
+    that still has a free slot (ties: lower bin id), filling that bin's slots in order. No replicas.
+    """
+    load = np.asarray(load, dtype=np.float64)
+    order = np.lexsort((np.arange(load.size), -load))
+    bins = np.empty((ep_size, slots_per_rank), dtype=np.int64)
+    fill = [0] * ep_size
+    heap = [(0.0, r) for r in range(ep_size)]  # already a heap: all zero, ascending r
+    for e in order.tolist():
+        total, r = heapq.heappop(heap)
+        bins[r, fill[r]] = e
+        fill[r] += 1
+        if fill[r] < slots_per_rank:
+            heapq.heappush(heap, (total + float(load[e]), r))
+    return bins
+
+
+def _relabel(bins: np.ndarray, old_rank: np.ndarray) -> np.ndarray:
+    """Assign packing bins to ranks so that many experts stay on their rank: new rank per expert.
+
+    Greedy maximum-overlap matching: (bin, rank) pairs by the number of the bin's experts already on
+    that rank, most first (ties: lower bin, lower rank); unmatched bins take the free ranks in order.
+    """
+    ep_size = bins.shape[0]
+    pairs: dict[tuple[int, int], int] = {}
+    for b in range(ep_size):
+        for r in old_rank[bins[b]].tolist():
+            pairs[(b, r)] = pairs.get((b, r), 0) + 1
+    ranked = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0][0], kv[0][1]))
+    bin_to_rank = [-1] * ep_size
+    rank_used = [False] * ep_size
+    for (b, r), _ in ranked:
+        if bin_to_rank[b] < 0 and not rank_used[r]:
+            bin_to_rank[b] = r
+            rank_used[r] = True
+    free = iter(r for r in range(ep_size) if not rank_used[r])
+    new_rank = np.empty(bins.size, dtype=np.int64)
+    for b in range(ep_size):
+        if bin_to_rank[b] < 0:
+            bin_to_rank[b] = next(free)
+        new_rank[bins[b]] = bin_to_rank[b]
+    return new_rank
+
+
+# ------------------------------------------------------------------------------- the swap walk
+
+
+@dataclass
+class _Walk:
+    """A swap-improvement walk: the swaps made and (max rank load, experts displaced) after each."""
+
+    swaps: list[tuple[int, int]]
+    max_load: list[float]
+    displaced: list[int]
+
+
+def _swap_walk(
+    load: np.ndarray, rank_of: np.ndarray, home: np.ndarray, ep_size: int, spr: int, stop_at: float, cfg: PlannerConfig
+) -> _Walk:
+    """Greedy improvement from the assignment ``rank_of`` (modified in place).
+
+    ``home``: each expert's rank under the current map, for counting displaced experts.
+    """
+    members = np.argsort(rank_of, kind="stable").reshape(ep_size, spr)  # ids per rank
+    weights = load[members]
+    totals = weights.sum(axis=1)
+    displaced = int(np.count_nonzero(rank_of != home))
+    walk = _Walk([], [float(totals.max())], [displaced])
+    max_swaps = 2 * load.size if cfg.max_swaps is None else cfg.max_swaps
+    k = min(cfg.candidate_ranks, ep_size - 1)
+    scale = max(float(totals.max()), 1e-300)
+    for _ in range(max_swaps):
+        h = int(np.argmax(totals))
+        if totals[h] <= stop_at or ep_size == 1:
+            break
+        order = np.argsort(totals, kind="stable")
+        order = order[order != h]
+        best = _best_swap(h, order[:k], members, weights, totals, rank_of, home, scale)
+        if best is None and k < ep_size - 1:
+            best = _best_swap(h, order, members, weights, totals, rank_of, home, scale)
+        if best is None:
+            break
+        c, i, j = best
+        x, y = int(members[h, i]), int(members[c, j])
+        d = weights[h, i] - weights[c, j]
+        members[h, i], members[c, j] = y, x
+        weights[h, i], weights[c, j] = load[y], load[x]
+        totals[h] -= d
+        totals[c] += d
+        displaced += int(c != home[x]) - int(h != home[x]) + int(h != home[y]) - int(c != home[y])
+        rank_of[x], rank_of[y] = c, h
+        walk.swaps.append((x, y))
+        walk.max_load.append(float(totals.max()))
+        walk.displaced.append(displaced)
+    return walk
+
+
+def _best_swap(h, partners, members, weights, totals, rank_of, home, scale):
+    """Best (partner rank, slot on h, slot on partner) swap that lowers the pair's max below totals[h].
+
+    For each expert x on h and partner c, the best y on c is the one whose load is nearest to
+    ``load[x] - (totals[h] - totals[c]) / 2`` (the pair max is V-shaped in the exchanged load), found
+    by binary search in c's sorted loads. Ties within 1e-12 relative: fewer displaced experts, then
+    lower expert ids.
+    """
+    th = totals[h]
+    partners = partners[totals[partners] < th]
+    if partners.size == 0:
+        return None
+    xw = weights[h]
+    order = np.argsort(weights[partners], axis=1, kind="stable")
+    yw = np.take_along_axis(weights[partners], order, axis=1)
+    gap = (th - totals[partners])[:, None]
+    target = xw[None, :] - gap / 2
+    idx = np.stack([np.searchsorted(row, t) for row, t in zip(yw, target)])  # [k, S]
+    spr = yw.shape[1]
+    jj = np.concatenate([np.clip(idx - 1, 0, spr - 1), np.clip(idx, 0, spr - 1)], axis=1)  # [k, 2S]
+    ii = np.concatenate([np.arange(spr), np.arange(spr)])[None, :].repeat(partners.size, 0)
+    d = xw[ii] - np.take_along_axis(yw, jj, axis=1)
+    pair = np.maximum(th - d, totals[partners][:, None] + d)
+    ok = (d > 0) & (pair < th - 1e-12 * scale)
+    if not ok.any():
+        return None
+    best_pair = pair[ok].min()
+    rows, cols = np.nonzero(ok & (pair <= best_pair + 1e-12 * scale))
+    c = partners[rows]
+    i = ii[rows, cols]
+    j = np.take_along_axis(order, jj, axis=1)[rows, cols]
+    x = members[h, i]
+    y = members[c, j]
+    delta = (c != home[x]).astype(int) - (h != home[x]) + (h != home[y]) - (c != home[y])
+    pick = np.lexsort((y, x, delta))[0]
+    return int(c[pick]), int(i[pick]), int(j[pick])
+
+
+def _replay(rank_of: np.ndarray, swaps: list[tuple[int, int]]) -> np.ndarray:
+    out = rank_of.copy()
+    for x, y in swaps:
+        out[x], out[y] = out[y], out[x]
+    return out
+
+
+# ------------------------------------------------------------------------------------ the plan
+
+
+def _build_plan(load, l2p, new_rank, ep_size, spr, strategy, bytes_per_expert, best_max, t0) -> PlacementPlan:
+    """Slots for ``new_rank``: stayers keep their slot, arrivals take freed slots (ascending) by id."""
+    old_rank = l2p // spr
+    movers = np.flatnonzero(new_rank != old_rank)
+    new_l2p = l2p.copy()
+    if movers.size:
+        freed = np.sort(l2p[movers])  # physical ids, so grouped by rank, ascending slot
+        arrivals = movers[np.lexsort((movers, new_rank[movers]))]
+        new_l2p[arrivals] = freed
+        if not np.array_equal(freed // spr, new_rank[arrivals]):
+            raise AssertionError("internal: a rank would not keep slots_per_rank experts")
+    moves = tuple(
+        Move(int(e), int(l2p[e] // spr), int(l2p[e] % spr), int(new_l2p[e] // spr), int(new_l2p[e] % spr))
+        for e in movers.tolist()
+    )
+    before = _rank_loads(load, old_rank, ep_size)
+    after = _rank_loads(load, new_rank, ep_size)
+    mean = float(load.sum()) / ep_size
+    lower = max(mean, float(load.max()) if load.size else 0.0)
+    return PlacementPlan(
+        logical_to_physical=tuple(new_l2p.tolist()),
+        moves=moves,
+        ep_size=ep_size,
+        slots_per_rank=spr,
+        max_load_before=float(before.max()),
+        max_load_after=float(after.max()),
+        mean_load=mean,
+        lower_bound=lower,
+        best_max_load=float(after.max()) if best_max is None else best_max,
+        bytes_moved=len(moves) * int(bytes_per_expert),
+        strategy=strategy,
+        plan_time_s=time.perf_counter() - t0,
+    )
+
+
+def plan_placement(
+    load: Sequence[float] | np.ndarray | torch.Tensor,
+    current_map: Sequence[int] | np.ndarray | torch.Tensor | None,
+    ep_size: int,
+    slots_per_rank: int,
+    config: PlannerConfig | None = None,
+) -> PlacementPlan:
+    """Plan a new placement for one MoE layer (see the module docstring for the objective).
+
+    Args:
+        load: ``[E]`` non-negative finite load per logical expert (0 for inactive experts).
+        current_map: ``[E]`` logical -> physical slot map now installed (a permutation; None:
+            contiguous).
+        ep_size: EP ranks; ``slots_per_rank``: slots per rank; ``E = ep_size * slots_per_rank``.
+        config: :class:`PlannerConfig` (defaults: 2% tolerance).
+    """
+    t0 = time.perf_counter()
+    cfg = config or PlannerConfig()
+    if not isinstance(cfg, PlannerConfig):
+        raise TypeError(f"config must be a PlannerConfig, got {type(cfg).__name__}")
+    load, l2p = _check_inputs(load, current_map, ep_size, slots_per_rank)
+    ep_size, spr = int(ep_size), int(slots_per_rank)
+    home = l2p // spr
+    mean = float(load.sum()) / ep_size
+    lower = max(mean, float(load.max()))
+    stop = lower * (1 + cfg.tolerance)
+
+    # Candidates: (max load, experts moved, preference, new rank per expert).
+    walk = _swap_walk(load, home.copy(), home, ep_size, spr, stop, cfg)
+    packed = _relabel(greedy_pack(load, ep_size, spr), home)
+    packed_max = float(_rank_loads(load, packed, ep_size).max())
+    polished = packed.copy()
+    pwalk = _swap_walk(load, polished, home, ep_size, spr, lower, cfg)
+
+    best = min(min(walk.max_load), packed_max, min(pwalk.max_load))
+    threshold = best * (1 + cfg.tolerance) + 1e-12 * max(best, 1e-300)
+    options = []
+    eligible = [t for t, m in enumerate(walk.max_load) if m <= threshold]
+    if eligible:
+        t = min(eligible, key=lambda t: (walk.displaced[t], t))
+        options.append((walk.displaced[t], 0, "keep" if t == 0 else "swaps", walk.swaps[:t]))
+    if packed_max <= threshold:
+        options.append((int(np.count_nonzero(packed != home)), 1, "packing", None))
+    if pwalk.max_load[-1] <= threshold:
+        options.append((pwalk.displaced[-1], 2, "packing+swaps", "polished"))
+    moved, _, strategy, how = min(options, key=lambda o: (o[0], o[1]))
+    if how is None:
+        new_rank = packed
+    elif how == "polished":
+        new_rank = polished
+    else:
+        new_rank = _replay(home, how)
+    return _build_plan(load, l2p, new_rank, ep_size, spr, strategy, cfg.bytes_per_expert, best, t0)
+
+
+def plan_greedy_packing(
+    load: Sequence[float] | np.ndarray | torch.Tensor,
+    current_map: Sequence[int] | np.ndarray | torch.Tensor | None,
+    ep_size: int,
+    slots_per_rank: int,
+    bytes_per_expert: int = 0,
+) -> PlacementPlan:
+    """The baseline: EPLB's greedy packing (:func:`greedy_pack`), bin b on rank b, slots in fill order.
+
+    Non-incremental: the current map only serves to count what moves (an expert whose rank changes).
+    """
+    t0 = time.perf_counter()
+    if int(bytes_per_expert) != bytes_per_expert or bytes_per_expert < 0:
+        raise ValueError(f"bytes_per_expert must be an integer >= 0, got {bytes_per_expert}")
+    load, l2p = _check_inputs(load, current_map, ep_size, slots_per_rank)
+    ep_size, spr = int(ep_size), int(slots_per_rank)
+    bins = greedy_pack(load, ep_size, spr)
+    new_l2p = np.empty_like(l2p)
+    new_l2p[bins.reshape(-1)] = np.arange(l2p.size)
+    new_rank = new_l2p // spr
+    old_rank = l2p // spr
+    movers = np.flatnonzero(new_rank != old_rank)
+    moves = tuple(
+        Move(int(e), int(l2p[e] // spr), int(l2p[e] % spr), int(new_l2p[e] // spr), int(new_l2p[e] % spr))
+        for e in movers.tolist()
+    )
+    after = float(_rank_loads(load, new_rank, ep_size).max())
+    mean = float(load.sum()) / ep_size
+    return PlacementPlan(
+        logical_to_physical=tuple(new_l2p.tolist()),
+        moves=moves,
+        ep_size=ep_size,
+        slots_per_rank=spr,
+        max_load_before=float(_rank_loads(load, old_rank, ep_size).max()),
+        max_load_after=after,
+        mean_load=mean,
+        lower_bound=max(mean, float(load.max())),
+        best_max_load=after,
+        bytes_moved=len(moves) * int(bytes_per_expert),
+        strategy="greedy-packing",
+        plan_time_s=time.perf_counter() - t0,
+    )
+
+
+def apply_moves(current_map: Sequence[int], moves: Sequence[Move], slots_per_rank: int) -> list[int]:
+    """The map obtained by applying ``moves`` to ``current_map`` (checks each move's source)."""
+    out = list(int(p) for p in current_map)
+    for m in moves:
+        src = m.src_rank * slots_per_rank + m.src_slot
+        if out[m.expert] != src:
+            raise ValueError(f"move of expert {m.expert} says it is in slot {src}, the map says {out[m.expert]}")
+        out[m.expert] = m.dst_rank * slots_per_rank + m.dst_slot
+    return out
