@@ -361,7 +361,7 @@ def _build_plan(load, l2p, new_rank, ep_size, spr, strategy, bytes_per_expert, b
         max_load_after=float(after.max()),
         mean_load=mean,
         lower_bound=lower,
-        best_max_load=float(after.max()) if best_max is None else best_max,
+        best_max_load=float(after.max()) if best_max is None else min(best_max, float(after.max())),
         bytes_moved=len(moves) * int(bytes_per_expert),
         strategy=strategy,
         plan_time_s=time.perf_counter() - t0,
@@ -430,41 +430,19 @@ def plan_greedy_packing(
     slots_per_rank: int,
     bytes_per_expert: int = 0,
 ) -> PlacementPlan:
-    """The baseline: EPLB's greedy packing (:func:`greedy_pack`), bin b on rank b, slots in fill order.
+    """The baseline: EPLB's greedy packing (:func:`greedy_pack`), bin b on rank b (no relabelling).
 
-    Non-incremental: the current map only serves to count what moves (an expert whose rank changes).
+    Non-incremental: the current map only decides slots (an expert the packing leaves on its rank
+    keeps its slot, as in our plans, so that only rank changes count as moves).
     """
     t0 = time.perf_counter()
     if int(bytes_per_expert) != bytes_per_expert or bytes_per_expert < 0:
         raise ValueError(f"bytes_per_expert must be an integer >= 0, got {bytes_per_expert}")
     load, l2p = _check_inputs(load, current_map, ep_size, slots_per_rank)
     ep_size, spr = int(ep_size), int(slots_per_rank)
-    bins = greedy_pack(load, ep_size, spr)
-    new_l2p = np.empty_like(l2p)
-    new_l2p[bins.reshape(-1)] = np.arange(l2p.size)
-    new_rank = new_l2p // spr
-    old_rank = l2p // spr
-    movers = np.flatnonzero(new_rank != old_rank)
-    moves = tuple(
-        Move(int(e), int(l2p[e] // spr), int(l2p[e] % spr), int(new_l2p[e] // spr), int(new_l2p[e] % spr))
-        for e in movers.tolist()
-    )
-    after = float(_rank_loads(load, new_rank, ep_size).max())
-    mean = float(load.sum()) / ep_size
-    return PlacementPlan(
-        logical_to_physical=tuple(new_l2p.tolist()),
-        moves=moves,
-        ep_size=ep_size,
-        slots_per_rank=spr,
-        max_load_before=float(_rank_loads(load, old_rank, ep_size).max()),
-        max_load_after=after,
-        mean_load=mean,
-        lower_bound=max(mean, float(load.max())),
-        best_max_load=after,
-        bytes_moved=len(moves) * int(bytes_per_expert),
-        strategy="greedy-packing",
-        plan_time_s=time.perf_counter() - t0,
-    )
+    new_rank = np.empty_like(l2p)
+    new_rank[greedy_pack(load, ep_size, spr).reshape(-1)] = np.arange(l2p.size) // spr
+    return _build_plan(load, l2p, new_rank, ep_size, spr, "greedy-packing", bytes_per_expert, None, t0)
 
 
 def apply_moves(current_map: Sequence[int], moves: Sequence[Move], slots_per_rank: int) -> list[int]:
