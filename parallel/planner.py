@@ -24,7 +24,12 @@ slots within a rank would cost a copy and buy nothing). Candidates:
   falls and is above ``lower_bound * (1 + tolerance)``;
 * ``packing``: a from-scratch longest-processing-time packing (:func:`greedy_pack`), its bins
   relabelled onto ranks so that as many experts as possible stay where they are;
-* ``packing+swaps``: that packing improved by the same swap walk.
+* ``packing+swaps``: that packing improved by the same swap walk;
+* ``sticky-packing(f)``: the same packing, except that an expert stays on its rank whenever that
+  rank, with its remaining free slots filled by the lightest expert, stays under
+  ``best packing max * (1 + f * tolerance)`` (f = 0, 0.5, 1), then the swap walk;
+* ``partial-packing(n ranks)``: only when nothing above lands within the tolerance of the packing:
+  the n/2 most and n/2 least loaded ranks repacked among themselves (n = 2, 4, 8, ...), then the walk.
 
 The best maximum found is the minimum over all candidates; the plan returned is the candidate with
 the fewest moves whose maximum is within the tolerance of it.
@@ -111,7 +116,8 @@ class PlacementPlan:
     """Smallest max rank load among the candidates the planner examined."""
     bytes_moved: int
     strategy: str
-    """Which candidate won: keep, swaps, packing, packing+swaps, or greedy-packing (the baseline)."""
+    """Which candidate won (see the module docstring; ``+swaps``: improved by the swap walk), or
+    greedy-packing for the baseline."""
     plan_time_s: float = field(default=0.0, compare=False)
 
     @property
@@ -203,6 +209,34 @@ def greedy_pack(load, ep_size: int, slots_per_rank: int) -> np.ndarray:
         if fill[r] < slots_per_rank:
             heapq.heappush(heap, (total + float(load[e]), r))
     return bins
+
+
+def _sticky_pack(load: np.ndarray, home: np.ndarray, ep_size: int, spr: int, cap: float) -> np.ndarray:
+    """Longest-processing-time packing that leaves an expert on its home rank when it fits: new rank per expert.
+
+    Experts heaviest first (ties: lower id); each stays home if that rank has a free slot and its load,
+    with its other free slots filled by the lightest expert, stays <= ``cap``; otherwise it goes to the
+    least loaded rank with a free slot (ties: lower rank).
+    """
+    floor = float(load.min()) if load.size else 0.0
+    order = np.lexsort((np.arange(load.size), -load))
+    totals = [0.0] * ep_size
+    free = [spr] * ep_size
+    heap = [(0.0, r) for r in range(ep_size)]
+    new_rank = np.empty(load.size, dtype=np.int64)
+    for e in order.tolist():
+        w, r = float(load[e]), int(home[e])
+        if not (free[r] and totals[r] + w + (free[r] - 1) * floor <= cap):
+            while True:  # lazy heap: skip stale entries and full ranks
+                t, r = heapq.heappop(heap)
+                if free[r] and t == totals[r]:
+                    break
+        totals[r] += w
+        free[r] -= 1
+        new_rank[e] = r
+        if free[r]:
+            heapq.heappush(heap, (totals[r], r))
+    return new_rank
 
 
 def _relabel(bins: np.ndarray, old_rank: np.ndarray) -> np.ndarray:
@@ -395,31 +429,50 @@ def plan_placement(
     lower = max(mean, float(load.max()))
     stop = lower * (1 + cfg.tolerance)
 
-    # Candidates: (max load, experts moved, preference, new rank per expert).
-    walk = _swap_walk(load, home.copy(), home, ep_size, spr, stop, cfg)
-    packed = _relabel(greedy_pack(load, ep_size, spr), home)
-    packed_max = float(_rank_loads(load, packed, ep_size).max())
-    polished = packed.copy()
-    pwalk = _swap_walk(load, polished, home, ep_size, spr, lower, cfg)
+    # Each candidate: a starting assignment and the swap walk from it; every point of every walk is
+    # a plan (max load, experts displaced); the selection below picks among all of them.
+    starts: list[tuple[str, np.ndarray, _Walk]] = []
 
-    best = min(min(walk.max_load), packed_max, min(pwalk.max_load))
+    def walk_from(name: str, rank_of: np.ndarray, stop_at: float) -> _Walk:
+        start = rank_of.copy()
+        walk = _swap_walk(load, rank_of, home, ep_size, spr, stop_at, cfg)
+        starts.append((name, start, walk))
+        return walk
+
+    walk_from("keep", home.copy(), stop)
+    packed = _relabel(greedy_pack(load, ep_size, spr), home)
+    pwalk = walk_from("packing", packed, lower)
+    target = min(pwalk.max_load) * (1 + cfg.tolerance)
+    for frac in (0.0, 0.5, 1.0):
+        cap = min(pwalk.max_load) * (1 + frac * cfg.tolerance)
+        walk_from(f"sticky-packing({frac:g})", _sticky_pack(load, home, ep_size, spr, cap), stop)
+    if min(min(w.max_load) for name, _, w in starts if name != "packing") > target:
+        # Nothing near the current map is balanced enough: repack the m most and m least loaded ranks.
+        totals = _rank_loads(load, home, ep_size)
+        order = np.argsort(totals, kind="stable")
+        m = 1
+        while 2 * m < ep_size:
+            pool = np.sort(np.concatenate([order[:m], order[-m:]]))
+            sub = np.flatnonzero(np.isin(home, pool))
+            local_home = np.searchsorted(pool, home[sub])
+            local = _relabel(greedy_pack(load[sub], pool.size, spr), local_home)
+            rank_of = home.copy()
+            rank_of[sub] = pool[local]
+            if min(walk_from(f"partial-packing({2 * m} ranks)", rank_of, stop).max_load) <= target:
+                break
+            m *= 2
+
+    best = min(min(w.max_load) for _, _, w in starts)
     threshold = best * (1 + cfg.tolerance) + 1e-12 * max(best, 1e-300)
-    options = []
-    eligible = [t for t, m in enumerate(walk.max_load) if m <= threshold]
-    if eligible:
-        t = min(eligible, key=lambda t: (walk.displaced[t], t))
-        options.append((walk.displaced[t], 0, "keep" if t == 0 else "swaps", walk.swaps[:t]))
-    if packed_max <= threshold:
-        options.append((int(np.count_nonzero(packed != home)), 1, "packing", None))
-    if pwalk.max_load[-1] <= threshold:
-        options.append((pwalk.displaced[-1], 2, "packing+swaps", "polished"))
-    moved, _, strategy, how = min(options, key=lambda o: (o[0], o[1]))
-    if how is None:
-        new_rank = packed
-    elif how == "polished":
-        new_rank = polished
-    else:
-        new_rank = _replay(home, how)
+    choice = None  # (displaced, candidate index, walk position)
+    for k, (_, _, walk) in enumerate(starts):
+        for t, (mx, moved) in enumerate(zip(walk.max_load, walk.displaced)):
+            if mx <= threshold and (choice is None or (moved, k, t) < choice):
+                choice = (moved, k, t)
+    _, k, t = choice
+    name, start, walk = starts[k]
+    strategy = name if t == 0 else ("swaps" if name == "keep" else f"{name}+swaps")
+    new_rank = _replay(start, walk.swaps[:t])
     return _build_plan(load, l2p, new_rank, ep_size, spr, strategy, cfg.bytes_per_expert, best, t0)
 
 
