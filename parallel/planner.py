@@ -319,6 +319,14 @@ def _swap_walk(
     return walk
 
 
+def _rowwise_searchsorted(rows: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """``out[c, i] = np.searchsorted(rows[c], targets[c, i])`` for every (sorted) row ``c``."""
+    k, n = rows.shape
+    if k * n * targets.shape[1] <= 1 << 18:  # small: count in one dense comparison
+        return (rows[:, None, :] < targets[:, :, None]).sum(axis=2)
+    return np.stack([np.searchsorted(row, t) for row, t in zip(rows, targets)])
+
+
 def _best_swap(h, partners, members, weights, totals, rank_of, home, scale):
     """Best (partner rank, slot on h, slot on partner) swap that lowers the pair's max below totals[h].
 
@@ -336,7 +344,7 @@ def _best_swap(h, partners, members, weights, totals, rank_of, home, scale):
     yw = np.take_along_axis(weights[partners], order, axis=1)
     gap = (th - totals[partners])[:, None]
     target = xw[None, :] - gap / 2
-    idx = np.stack([np.searchsorted(row, t) for row, t in zip(yw, target)])  # [k, S]
+    idx = _rowwise_searchsorted(yw, target)  # [k, S]
     spr = yw.shape[1]
     jj = np.concatenate([np.clip(idx - 1, 0, spr - 1), np.clip(idx, 0, spr - 1)], axis=1)  # [k, 2S]
     ii = np.concatenate([np.arange(spr), np.arange(spr)])[None, :].repeat(partners.size, 0)
@@ -439,10 +447,13 @@ def plan_placement(
         starts.append((name, start, walk))
         return walk
 
-    walk_from("keep", home.copy(), stop)
     packed = _relabel(greedy_pack(load, ep_size, spr), home)
     pwalk = walk_from("packing", packed, lower)
+    # Walks near the current map stop once within the tolerance of the (polished) packing.
     target = min(pwalk.max_load) * (1 + cfg.tolerance)
+    stop = max(stop, target)
+    walk_from("keep", home.copy(), stop)
+    starts.insert(0, starts.pop())  # on equal moves and balance, prefer the walk from the current map
     for frac in (0.0, 0.5, 1.0):
         cap = min(pwalk.max_load) * (1 + frac * cfg.tolerance)
         walk_from(f"sticky-packing({frac:g})", _sticky_pack(load, home, ep_size, spr, cap), stop)
@@ -464,12 +475,12 @@ def plan_placement(
 
     best = min(min(w.max_load) for _, _, w in starts)
     threshold = best * (1 + cfg.tolerance) + 1e-12 * max(best, 1e-300)
-    choice = None  # (displaced, candidate index, walk position)
+    choice = None  # (displaced, max load, candidate index, walk position): fewest moves, then best balance
     for k, (_, _, walk) in enumerate(starts):
         for t, (mx, moved) in enumerate(zip(walk.max_load, walk.displaced)):
-            if mx <= threshold and (choice is None or (moved, k, t) < choice):
-                choice = (moved, k, t)
-    _, k, t = choice
+            if mx <= threshold and (choice is None or (moved, mx, k, t) < choice):
+                choice = (moved, mx, k, t)
+    _, _, k, t = choice
     name, start, walk = starts[k]
     strategy = name if t == 0 else ("swaps" if name == "keep" else f"{name}+swaps")
     new_rank = _replay(start, walk.swaps[:t])

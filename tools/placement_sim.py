@@ -17,7 +17,8 @@ Loads (``--loads``), one MoE layer unless a trace has more:
   randomly assigned to expert ids; between re-plans every load is multiplied by exp(N(0, drift)).
 * ``lognormal``: exp(N(0, sigma)) per expert (``--sigma``, default 1.0), drifting the same way.
 * ``hotspot``: 1 per expert plus a Gaussian bump of height ``--hot`` (default 20) and width E/64
-  over consecutive logical ids, whose centre moves by E/(4*steps) ids per re-plan.
+  over consecutive logical ids, whose centre moves by E/(4*steps) ids per re-plan; each re-plan's
+  loads are multiplied by fresh exp(N(0, drift)) noise (``--drift 0``: exact, many equal loads).
 * ``trace:FILE``: routing records written by a run, JSON lines, one line per training step::
 
       {"step": 120, "tokens": [[12, 0, 31, ...], [7, 7, 0, ...]]}
@@ -70,7 +71,8 @@ def synthetic_loads(kind: str, experts: int, steps: int, seed: int, **opt) -> It
         for t in range(steps):
             centre = (experts / 4 + t * shift) % experts
             dist = np.minimum(np.abs(ids - centre), experts - np.abs(ids - centre))
-            yield [1.0 + opt.get("hot", 20.0) * np.exp(-0.5 * (dist / width) ** 2)]
+            load = 1.0 + opt.get("hot", 20.0) * np.exp(-0.5 * (dist / width) ** 2)
+            yield [load * np.exp(rng.normal(0.0, drift, experts)) if drift else load]
         return
     else:
         raise ValueError(f"--loads must be zipf, lognormal, hotspot or trace:FILE, got {kind!r}")
@@ -194,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tolerance", type=float, default=PlannerConfig.tolerance, help="planner tolerance")
     ap.add_argument("--zipf-a", type=float, default=1.0)
     ap.add_argument("--sigma", type=float, default=1.0)
-    ap.add_argument("--drift", type=float, default=0.2, help="zipf/lognormal: log-normal drift per re-plan")
+    ap.add_argument(
+        "--drift", type=float, default=0.2, help="zipf/lognormal: log-normal random walk per re-plan; hotspot: noise"
+    )
     ap.add_argument("--hot", type=float, default=20.0, help="hotspot: bump height over a base load of 1")
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--ffn", type=int, default=14336)
