@@ -234,3 +234,20 @@ def test_simulator_cli_tiny(tmp_path, capsys):
     trace.write_text('{"step": 0, "tokens": [1, 2]}\n')
     with pytest.raises(SystemExit, match="tokens"):
         main(["--loads", f"trace:{trace}", "--ep", "2"])
+
+
+def test_benchmark_rows_render(tmp_path):
+    from bench.placement import render, run_case
+
+    rows = [run_case("hotspot", "hotspot", {}, 32, 4, 2, 0, PlannerConfig())]
+    assert rows[0]["replans"] == 2 and rows[0]["ours_over_greedy_max"] <= 1.02 + 1e-9
+    aims = dict(
+        within_2pct="met",
+        worst_ratio=1.0,
+        quarter_moves="met",
+        worst_moved_ratio=0.1,
+        under_1s="met",
+        max_ms_4096_1024=1.0,
+    )
+    text = render(rows, {"machine": "test", "command": "x", "steps": 2, "aims": aims})
+    assert "| hotspot | 32 | 4 |" in text and "Aims" in text
