@@ -107,6 +107,10 @@ class Pretrainer:
         self.optimizer = self._optimizer()
         self.scheduler = self._scheduler()
         self.state = ckpt.TrainState()
+        self.step_hooks: list = []
+        """Callables ``hook(trainer)`` run on every rank after each optimizer step (and the routing
+        records' update), before the next step: the one place where the expert set and placement
+        may change (all ranks must take the same decisions there)."""
         self.data = self._data()
         self._restore()
 
@@ -282,6 +286,8 @@ class Pretrainer:
         self.scheduler.step(increment=1)
         self.state.step += 1
         self.state.consumed_samples += self.cfg.training.global_batch_size
+        for hook in self.step_hooks:  # state.step counts the step just finished
+            hook(self)
         return self._global_loss(reduced), float(grad_norm if grad_norm is not None else 0.0)
 
     def _global_loss(self, reduced: list[dict]) -> float:
