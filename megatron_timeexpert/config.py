@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from megatron_timeexpert.moe.dynamics import ExpertDynamicsConfig
 from parallel.layout import LayoutError, ParallelLayout
 
 
@@ -102,9 +103,62 @@ class MoEConfig:
     """timeexpert: weight of the task activation rate A_t in the gate (eq. 6)."""
     threshold_init: float = 0.0
     """timeexpert: initial learnable threshold G."""
+    num_initial_experts: int | None = None
+    """topk/timeexpert: logical experts 0..n-1 start active, the others are free for expert addition
+    (null: all num_experts)."""
+    weighting: str = "uniform"
+    """timeexpert: how fired experts' outputs combine: 'uniform' (1/k), 'gate' or 'sum' (RouterConfig)."""
+    rate_decay: float = 0.99
+    """topk/timeexpert: EMA decay of the per-type activation rates A_t, in [0, 1)."""
+    expert_norm_coeff: float = 1e-4
+    """timeexpert: lambda_2 of eq. 9 (sum of squared gate-vector norms)."""
+    empty_token_policy: str = "zero"
+    """timeexpert, training: output of a token that fires no expert: 'zero' or 'top1'."""
+    eval_empty_token_policy: str = "top1"
+    """timeexpert, evaluation: the same choice in eval mode."""
+    dynamics: ExpertDynamicsConfig = field(default_factory=ExpertDynamicsConfig)
+    """timeexpert/topk: adding and pruning experts while training (eq. 7-8), section ``moe.dynamics``."""
 
     def validate(self) -> None:
         _check(self.router in ROUTERS, "moe", "router", self.router, f"choose one of {ROUTERS}")
+        _check(
+            self.num_initial_experts is None
+            or (isinstance(self.num_initial_experts, int) and 1 <= self.num_initial_experts <= self.num_experts),
+            "moe",
+            "num_initial_experts",
+            self.num_initial_experts,
+            f"must be null or in 1..{self.num_experts}",
+        )
+        _check(
+            self.router != "topk" or self.topk <= (self.num_initial_experts or self.num_experts),
+            "moe",
+            "topk",
+            self.topk,
+            "must not exceed moe.num_initial_experts",
+        )
+        _check(
+            self.weighting in ("uniform", "gate", "sum"),
+            "moe",
+            "weighting",
+            self.weighting,
+            "use 'uniform', 'gate' or 'sum'",
+        )
+        _check(0.0 <= self.rate_decay < 1.0, "moe", "rate_decay", self.rate_decay, "must be in [0, 1)")
+        _check(self.expert_norm_coeff >= 0, "moe", "expert_norm_coeff", self.expert_norm_coeff, "must be >= 0")
+        for name in ("empty_token_policy", "eval_empty_token_policy"):
+            v = getattr(self, name)
+            _check(v in ("zero", "top1"), "moe", name, v, "use 'zero' or 'top1'")
+        try:
+            self.dynamics.validate()
+        except ValueError as e:
+            raise ConfigError(f"moe.dynamics.{e}") from None
+        _check(
+            not self.dynamics.enabled or self.router in ("topk", "timeexpert"),
+            "moe.dynamics",
+            "enabled",
+            self.dynamics.enabled,
+            "adding and pruning experts needs our MoE layer (moe.router 'topk' or 'timeexpert')",
+        )
         _check(
             isinstance(self.num_experts, int) and self.num_experts > 0,
             "moe",

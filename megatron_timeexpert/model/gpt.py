@@ -118,6 +118,12 @@ def router_config(cfg: Config):
         threshold_init=m.threshold_init,
         aux_loss_coeff=m.aux_loss_coeff,
         z_loss_coeff=m.z_loss_coeff,
+        num_initial_experts=m.num_initial_experts,
+        weighting=m.weighting,
+        rate_decay=m.rate_decay,
+        expert_norm_coeff=m.expert_norm_coeff,
+        empty_token_policy=m.empty_token_policy,
+        eval_empty_token_policy=m.eval_empty_token_policy,
     )
 
 

@@ -80,3 +80,47 @@ def install_placement(layer, optimizer, new_map: torch.Tensor) -> MigrationStats
     )
     layer.placement.set_map(new_map)
     return stats
+
+
+def _owned_main(sub, param: torch.Tensor):
+    """``(inner torch optimizer, main tensor)`` when ``sub`` updates ``param``, else None."""
+    inner = getattr(sub, "optimizer", None)
+    if inner is None:
+        return None
+    main = _main_param(sub, param)
+    if not any(main is p for group in inner.param_groups for p in group["params"]):
+        return None
+    return inner, main
+
+
+@torch.no_grad()
+def _fresh_rows(optimizer, params, row: int) -> None:
+    for param in params:
+        for sub in _sub_optimizers(optimizer):
+            owned = _owned_main(sub, param)
+            if owned is None:
+                continue
+            inner, main = owned
+            if main is not param:  # fp32 main copy (bf16): the new weights, as a fresh optimizer copies them
+                main.data[row].copy_(param.data[row].to(main.dtype))
+            for value in inner.state.get(main, {}).values():
+                if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == param.shape[0]:
+                    value[row].zero_()
+
+
+def fresh_slot_state(layer, optimizer, slot: int) -> None:
+    """Optimizer state of ``layer``'s local expert slot ``slot`` as for a newly added expert: the
+    fp32 main copy (bf16) takes the slot's current weights, both Adam moments of its rows are zeroed.
+
+    TODO(per-slot optimizer step, issue 9 item 2): Adam's ``step`` is one scalar per parameter
+    tensor, so zeroed moments are NOT a fresh start (bias correction uses the tensor's step); the
+    per-slot step replaces this body. No communication; the distributed optimizer raises
+    NotImplementedError (its state lives in flat shards)."""
+    _fresh_rows(optimizer, list(layer.experts.parameters()), slot)
+
+
+def fresh_router_row_state(router, optimizer, expert: int) -> None:
+    """The same for the router's rows of logical expert ``expert`` (``W_g[e]`` and, for TimeExpert,
+    ``G[e]``): Adam moments zeroed (same TODO as :func:`fresh_slot_state`)."""
+    params = [p for p in (getattr(router, "weight", None), getattr(router, "threshold", None)) if p is not None]
+    _fresh_rows(optimizer, params, expert)

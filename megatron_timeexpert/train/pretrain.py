@@ -111,6 +111,13 @@ class Pretrainer:
         """Callables ``hook(trainer)`` run on every rank after each optimizer step (and the routing
         records' update), before the next step: the one place where the expert set and placement
         may change (all ranks must take the same decisions there)."""
+        self.hook_metrics: dict[str, float] = {}
+        """Events the step hooks report (e.g. experts added/pruned); they join the metrics of the
+        next logged step (every rank of a stage holds the same values)."""
+        if cfg.moe.dynamics.enabled:
+            from megatron_timeexpert.train.expert_dynamics import ExpertDynamicsHook
+
+            self.step_hooks.append(ExpertDynamicsHook(cfg.moe.dynamics))
         self.data = self._data()
         self._restore()
 
@@ -303,7 +310,8 @@ class Pretrainer:
         return float(totals[0] / totals[1])
 
     def _moe_metrics(self) -> dict[str, float]:
-        local = {}
+        local = dict(self.hook_metrics)
+        self.hook_metrics.clear()
         for layer_no, layer in enumerate(m for model in self.models for m in _moe_layers(model)):
             for k, v in layer.pop_metrics().items():
                 local[f"moe/{k}/layer{getattr(layer, 'layer_number', layer_no)}"] = float(v)
