@@ -323,3 +323,82 @@ def test_loop_events_are_the_same_at_ep1_and_ep2(loops):
         torch.testing.assert_close(snap2b[("w1", layer)], snap1[("w1", layer)], rtol=0, atol=0)
         assert snap2b[("state_zero", layer)] and ("w1", layer) not in snap2
     assert [m["dynamics/L1/added/e2"] for m in (m1[1], m2[1])] == [2.0, 2.0]
+
+
+def test_router_options_and_dynamics_are_reachable_from_the_yaml():
+    from megatron_timeexpert.config import ConfigError, load_config
+    from megatron_timeexpert.model.gpt import router_config
+
+    cfg = load_config(
+        "configs/tiny_timeexpert.yaml",
+        [
+            "moe.num_initial_experts=2",
+            "moe.weighting=gate",
+            "moe.rate_decay=0.9",
+            "moe.expert_norm_coeff=0.0",
+            "moe.empty_token_policy=top1",
+            "moe.eval_empty_token_policy=zero",
+            "moe.dynamics.enabled=true",
+            "moe.dynamics.window_steps=5",
+            "moe.dynamics.decision_interval=20",
+            "moe.dynamics.tau_min=0.05",
+        ],
+    )
+    r = router_config(cfg)
+    assert (r.num_initial_experts, r.weighting, r.rate_decay, r.expert_norm_coeff) == (2, "gate", 0.9, 0.0)
+    assert (r.empty_token_policy, r.eval_empty_token_policy) == ("top1", "zero")
+    d = cfg.moe.dynamics
+    assert (d.enabled, d.window_steps, d.decision_interval, d.tau_min) == (True, 5, 20, 0.05)
+    assert cfg.to_dict()["moe"]["dynamics"]["tau_min"] == 0.05
+    with pytest.raises(ConfigError, match=r"moe\.dynamics\.tau_min=-1\.0"):
+        load_config("configs/tiny_timeexpert.yaml", ["moe.dynamics.tau_min=-1"])
+    with pytest.raises(ConfigError, match=r"moe\.dynamics\.typo"):
+        load_config("configs/tiny_timeexpert.yaml", ["moe.dynamics.typo=1"])
+    with pytest.raises(ConfigError, match=r"moe\.num_initial_experts=5"):
+        load_config("configs/tiny_timeexpert.yaml", ["moe.num_initial_experts=5"])
+
+
+def test_hook_logs_one_line_per_layer_decision_and_reports_events(caplog):
+    """The step hook on one process, with a fake trainer around a real MoE layer."""
+    import logging
+
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_timeexpert.moe.layer import MoELayerConfig, TimeExpertMoELayer
+    from megatron_timeexpert.train.expert_dynamics import ExpertDynamicsHook
+
+    config = TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=2, ffn_hidden_size=16)
+    torch.manual_seed(0)
+    router = RouterConfig(num_experts=E, num_initial_experts=2, threshold_init=5.0).build(H)
+    layer = TimeExpertMoELayer(config, router, MoELayerConfig(num_experts=E), layer_number=3)
+    adam = torch.optim.Adam(layer.parameters())
+    for _ in range(2):  # two steps on which no token fires an expert
+        x = torch.randn(5, 2, H)
+        out, _ = layer(x, token_type=torch.full((2, 5), VIS))
+        out.sum().backward()
+        adam.step()
+        layer.finish_step()
+    trainer = types.SimpleNamespace(
+        models=[torch.nn.ModuleList([layer])],
+        optimizer=types.SimpleNamespace(optimizer=adam),
+        state=types.SimpleNamespace(step=2),
+        hook_metrics={},
+    )
+    hook = ExpertDynamicsHook(_cfg(window_steps=2, decision_interval=2, warmup_steps=1, tau_min=0.01))
+    with caplog.at_level(logging.INFO, logger="megatron_timeexpert.train.expert_dynamics"):
+        hook(trainer)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("expert dynamics: layer 3 step 2: added [2] pruned [0] skipped:")
+    assert trainer.hook_metrics == {
+        "dynamics/L3/added/e2": 2.0,
+        "dynamics/L3/pruned/e0": 2.0,
+        "dynamics/L3/skipped": 1.0,
+    }
+    assert router.active.tolist() == [False, True, True, False]
+    assert float(router.records.window_type_tokens.sum()) == 0  # the window ended at step 2
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert adam.state[layer.experts.w1][key][2].abs().sum() == 0
+        assert adam.state[router.weight][key][2].abs().sum() == 0
+    trainer.state.step = 3  # no decision, no window end
+    hook(trainer)
+    assert len(hook.decisions) == 1
