@@ -165,9 +165,11 @@ def test_fresh_slot_state_zeroes_only_that_slots_adam_rows():
         p.grad = torch.randn_like(p)
     adam.step()
     opt = types.SimpleNamespace(optimizer=adam)  # the megatron wrapper's view: .optimizer is the torch one
-    layer = types.SimpleNamespace(experts=types.SimpleNamespace(parameters=lambda: [w1, w2]))
+    base = torch.zeros(2, dtype=torch.long)  # the per-slot Adam step base (train/slot_adam.py)
+    layer = types.SimpleNamespace(experts=types.SimpleNamespace(parameters=lambda: [w1, w2], slot_step_base=base))
     fresh_slot_state(layer, opt, 1)
     fresh_router_row_state(router, opt, 2)
+    assert base.tolist() == [0, 1] and router.row_step_base.tolist() == [0, 0, 1] + [0] * (E - 3)
     for p in (w1, w2):
         for key in ("exp_avg", "exp_avg_sq"):
             assert adam.state[p][key][1].abs().sum() == 0 and adam.state[p][key][0].abs().sum() > 0

@@ -99,8 +99,8 @@ def _rotate_every_two_steps(trainer) -> None:
             expected_row = sum(t[0].numel() * t.element_size() for t in slot_tensors(layer, trainer.optimizer))
             stats = install_placement(layer, trainer.optimizer, new_map)
             assert stats.bytes_per_expert == expected_row
-            # weights w1, w2 and both Adam moments of each: 6 slot tensors
-            assert len(slot_tensors(layer, trainer.optimizer)) == 6
+            # weights w1, w2, both Adam moments of each and the per-slot Adam step base: 7 slot tensors
+            assert len(slot_tensors(layer, trainer.optimizer)) == 7
 
 
 @pytest.fixture(scope="module")

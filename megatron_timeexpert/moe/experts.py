@@ -65,6 +65,9 @@ class SlotExperts(nn.Module):
     ``forward(x [N, H], weights [N, slots], mask [N, slots]) -> [N, H]`` returns, per row,
     ``sum_{s: mask[n, s]} weights[n, s] * expert_s(x[n])``. Every slot runs, also on zero rows, so
     every weight always gets a (possibly zero) gradient and DDP buckets always complete.
+
+    Buffer ``slot_step_base [slots]`` (int64, persistent): each slot's per-slot Adam step base
+    (train/slot_adam.py); every buffer with a slot axis is keyed to the slot like the weights.
     """
 
     def __init__(self, config: ExpertsConfig):
@@ -77,6 +80,10 @@ class SlotExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(shape2, dtype=config.params_dtype))
         for p in (self.w1, self.w2):
             mark_expert_parallel(p)
+        # Per-slot Adam step base (train/slot_adam.py): slot s's own optimizer step is the weights'
+        # step minus this; 0 = as old as the weights. Keyed to the slot: checkpointed by physical
+        # slot and moved with it like the weights.
+        self.register_buffer("slot_step_base", torch.zeros(config.slots_per_rank, dtype=torch.long))
 
     @torch.no_grad()
     def init_slot(self, slot: int, seed: int) -> None:

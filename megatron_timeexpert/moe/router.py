@@ -201,6 +201,9 @@ class _Router(nn.Module):
         active = torch.zeros(e, dtype=torch.bool)
         active[: config.initial_active] = True
         self.register_buffer("active", active)
+        # Per-row Adam step base of W_g[e] and G[e] (train/slot_adam.py): row e's own optimizer step
+        # is the parameter's step minus this; 0 = as old as the parameter. Replicated like the router.
+        self.register_buffer("row_step_base", torch.zeros(e, dtype=torch.long))
         self.records = RoutingRecords(e, hidden_size, NUM_TOKEN_TYPES, config.rate_decay, group=group)
         self._metric_types = [(TokenType[n.upper()].value, n) for n in config.token_types]
 
@@ -311,7 +314,8 @@ class TimeExpertRouter(_Router):
             gate is scale-invariant, only directions matter).
 
     Parameters: ``weight`` W_g ``[E_max, H]``, ``threshold`` G ``[E_max]``. Buffers: ``active``
-    ``[E_max]`` bool and ``records.*`` (A_t is ``records.type_rate``).
+    ``[E_max]`` bool, ``row_step_base`` ``[E_max]`` int64 (per-row Adam step, train/slot_adam.py)
+    and ``records.*`` (A_t is ``records.type_rate``).
     """
 
     def __init__(

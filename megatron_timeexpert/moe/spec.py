@@ -79,7 +79,8 @@ class TimeExpertMoEMLP(TimeExpertMoELayer):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
         """Layout-independent distributed-checkpoint view of this layer (megatron dist_checkpointing).
 
-        Expert weights ``experts.w1 [slots_per_rank, ...]`` / ``experts.w2`` are this EP rank's block
+        Expert weights ``experts.w1 [slots_per_rank, ...]`` / ``experts.w2`` (and every persistent buffer
+        of ``experts``, e.g. the per-slot Adam step base ``experts.slot_step_base``) are this EP rank's block
         of PHYSICAL slots ``[ep_rank * slots_per_rank, (ep_rank + 1) * slots_per_rank)`` of global
         ``[E_max, ...]`` tensors (sharded on axis 0 over the EP group, replicated over the
         expert-data-parallel group, main replica at expert-DP rank 0). Physical slot ids do not depend
@@ -107,11 +108,12 @@ class TimeExpertMoEMLP(TimeExpertMoELayer):
                 )
         axis = len(sharded_offsets)  # axis 0 of the slot tensors, after the prepended (layer) axes
         ep_size = self.placement.ep_size
-        for name, param in self.experts.named_parameters():
+        # Parameters and persistent buffers (the per-slot Adam step base): all keyed to physical slots.
+        for name, tensor in self.experts.state_dict(keep_vars=True).items():
             key = f"{prefix}experts.{name}"
             out[key] = ShardedTensor.from_rank_offsets(
                 key,
-                param,
+                tensor,
                 *sharded_offsets,
                 (axis, self.ep_rank, ep_size),
                 replica_id=(0, 0, self.expert_dp_rank),

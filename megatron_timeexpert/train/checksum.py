@@ -105,7 +105,8 @@ def _expert_slot_maps(models: list[torch.nn.Module]) -> dict[int, torch.Tensor]:
 
 
 def _is_expert_slot_tensor(key: str) -> bool:
-    return ".mlp.experts.w" in key or key.startswith("mlp.experts.w")
+    """Weights, their optimizer state and every buffer of ``experts`` (the per-slot Adam step base)."""
+    return ".mlp.experts." in key or key.startswith("mlp.experts.")
 
 
 def local_partial_sums(

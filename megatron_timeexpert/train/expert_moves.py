@@ -6,8 +6,10 @@ installing a new placement map with all of them moved (parallel/migration.py doe
 For each expert weight tensor of the layer (``experts.w1``, ``experts.w2``, ``[slots, ...]``), the
 slot-keyed tensors are the weight itself and what megatron's optimizer keeps for it: the fp32 main
 copy (``training.precision=bf16``) and every optimizer-state tensor with a slot axis (Adam's
-``exp_avg`` and ``exp_avg_sq``). Adam's ``step`` is one scalar per parameter tensor, shared by all
-its slots: it does not move (an expert added to a slot needs a per-slot correction, issue 9).
+``exp_avg`` and ``exp_avg_sq``), plus every buffer of ``experts`` with a slot axis: the per-slot Adam
+step base ``experts.slot_step_base`` (train/slot_adam.py). Adam's own ``step`` is one scalar per
+parameter tensor, shared by all its slots (the same on every EP rank): it does not move; each
+slot's own step is that minus its base, which moves with the slot.
 megatron's gradient buffers are not moved: migration runs between optimizer steps, after which
 they are zeroed before the next backward.
 
@@ -64,6 +66,7 @@ def slot_tensors(layer, optimizer) -> list[torch.Tensor]:
             for value in inner.state.get(main, {}).values():
                 if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == slots:
                     out.append(value)
+    out += [b for b in layer.experts.buffers() if b.dim() >= 1 and b.shape[0] == slots]
     return out
 
 
@@ -82,45 +85,20 @@ def install_placement(layer, optimizer, new_map: torch.Tensor) -> MigrationStats
     return stats
 
 
-def _owned_main(sub, param: torch.Tensor):
-    """``(inner torch optimizer, main tensor)`` when ``sub`` updates ``param``, else None."""
-    inner = getattr(sub, "optimizer", None)
-    if inner is None:
-        return None
-    main = _main_param(sub, param)
-    if not any(main is p for group in inner.param_groups for p in group["params"]):
-        return None
-    return inner, main
-
-
-@torch.no_grad()
-def _fresh_rows(optimizer, params, row: int) -> None:
-    for param in params:
-        for sub in _sub_optimizers(optimizer):
-            owned = _owned_main(sub, param)
-            if owned is None:
-                continue
-            inner, main = owned
-            if main is not param:  # fp32 main copy (bf16): the new weights, as a fresh optimizer copies them
-                main.data[row].copy_(param.data[row].to(main.dtype))
-            for value in inner.state.get(main, {}).values():
-                if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == param.shape[0]:
-                    value[row].zero_()
-
-
 def fresh_slot_state(layer, optimizer, slot: int) -> None:
-    """Optimizer state of ``layer``'s local expert slot ``slot`` as for a newly added expert: the
-    fp32 main copy (bf16) takes the slot's current weights, both Adam moments of its rows are zeroed.
+    """Optimizer state of ``layer``'s local expert slot ``slot`` as for a newly added expert: both Adam
+    moments of its rows zeroed, its per-slot Adam step set to 0 (so its next updates are a fresh
+    Adam's), and under bf16 the fp32 main copy takes the slot's current weights. See
+    :func:`megatron_timeexpert.train.slot_adam.fresh_slot_state`. No communication; the distributed
+    optimizer raises NotImplementedError (its state lives in flat shards)."""
+    from megatron_timeexpert.train.slot_adam import fresh_slot_state as fresh
 
-    TODO(per-slot optimizer step, issue 9 item 2): Adam's ``step`` is one scalar per parameter
-    tensor, so zeroed moments are NOT a fresh start (bias correction uses the tensor's step); the
-    per-slot step replaces this body. No communication; the distributed optimizer raises
-    NotImplementedError (its state lives in flat shards)."""
-    _fresh_rows(optimizer, list(layer.experts.parameters()), slot)
+    fresh(layer, optimizer, slot)
 
 
 def fresh_router_row_state(router, optimizer, expert: int) -> None:
     """The same for the router's rows of logical expert ``expert`` (``W_g[e]`` and, for TimeExpert,
-    ``G[e]``): Adam moments zeroed (same TODO as :func:`fresh_slot_state`)."""
-    params = [p for p in (getattr(router, "weight", None), getattr(router, "threshold", None)) if p is not None]
-    _fresh_rows(optimizer, params, expert)
+    ``G[e]``), on every rank: :func:`megatron_timeexpert.train.slot_adam.fresh_router_row`."""
+    from megatron_timeexpert.train.slot_adam import fresh_router_row
+
+    fresh_router_row(router, optimizer, expert)

@@ -28,6 +28,7 @@ from megatron_timeexpert.train import checkpoint as ckpt
 from megatron_timeexpert.train.fault import StepGuard
 from megatron_timeexpert.train.metrics import MetricsLogger, format_line
 from megatron_timeexpert.train.precision import param_group_overrides, wrap_bf16
+from megatron_timeexpert.train.slot_adam import install_slot_adam
 from megatron_timeexpert.train.synthetic import SyntheticTokens
 from parallel.cpu_compat import apply_cpu_shims
 
@@ -105,6 +106,9 @@ class Pretrainer:
         self.tconfig = transformer_config(cfg)
         self.models = self._wrap(build_model(cfg))
         self.optimizer = self._optimizer()
+        # Per-slot and per-row Adam steps of expert slots and router rows (train/slot_adam.py): a slot
+        # or row made fresh takes a fresh Adam's updates. Without resets nothing changes.
+        install_slot_adam(self.models, self.optimizer)
         self.scheduler = self._scheduler()
         self.state = ckpt.TrainState()
         self.step_hooks: list = []
