@@ -3,9 +3,10 @@ router row made fresh in the middle of training takes exactly the updates a fres
 Adam(W) takes on the same gradients, while zeroing its moments alone does not (the naive reset's
 first update is ``(1 - b1) / (1 - b1^t) / sqrt((1 - b2) / (1 - b2^t))`` times a fresh one: 0.45x at
 b2 = 0.95 and 3.1x at b2 = 0.999 after 3000 steps); the other slots and a run that never resets are
-untouched; through megatron's optimizer in the real trainer (EP 2, a reset at step 2, a migration
-at step 3), the reset slot's steps 3 and 4 equal a fresh AdamW's on its gradients, and the per-slot
-step moves with the slot and survives a checkpoint loaded at EP 1.
+untouched; through megatron's optimizer in the real trainer (EP 2, fp32 and bf16 with its fp32 main
+copy, a reset at step 2, a migration at step 3), the reset slot's and router rows' steps 3 and 4
+equal a fresh AdamW's on their (clipped) gradients, and the per-slot step moves with the slot and
+survives a checkpoint loaded at EP 1 (fp32).
 
 Run: ``pytest -q tests/test_slot_adam.py`` (about 25 s on 2 cores).
 """
@@ -204,7 +205,7 @@ def _record_fresh_expert(out_dir: str, trainer) -> None:
                 inner, main = _owner(trainer.optimizer, p)
                 group = next(g for g in inner.param_groups if any(q is main for q in g["params"]))
                 key = f"{layer.layer_number}.{name}"
-                seen[f"{key}.value{step}"] = p.detach()[row].clone()
+                seen[f"{key}.value{step}"] = main.detach()[row].clone()  # bf16: the fp32 main copy
                 if step > 2:
                     seen[f"{key}.grad{step}"] = main.grad[row].clone()
                 # The hyperparameters the NEXT step uses (the scheduler has already stepped).
@@ -221,6 +222,19 @@ def _fresh_expert_run(out_dir: str, trainer) -> None:
     trainer.step_hooks.append(functools.partial(_record_fresh_expert, out_dir))
 
 
+def _train_with_hook(cfg, after_build) -> None:
+    from megatron.core import parallel_state
+
+    from megatron_timeexpert.train.pretrain import Pretrainer
+
+    trainer = Pretrainer(cfg)
+    try:
+        after_build(trainer)
+        trainer.train()
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
 def _fresh_adamw(start: torch.Tensor, grads: list[torch.Tensor], hypers: list[tuple]) -> list[torch.Tensor]:
     q = torch.nn.Parameter(start.clone())
     lr, betas, eps, wd = hypers[0]
@@ -235,16 +249,24 @@ def _fresh_adamw(start: torch.Tensor, grads: list[torch.Tensor], hypers: list[tu
 
 
 @pytest.mark.slow
-def test_trainer_fresh_expert_takes_fresh_adam_steps_and_its_step_moves_and_is_checkpointed(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_trainer_fresh_expert_takes_fresh_adam_steps_and_its_step_moves_and_is_checkpointed(precision, tmp_path):
     import functools
 
     from megatron_timeexpert.train.slot_adam import adam_rows
+    from parallel.testing import run_distributed
     from tests.dist_runs import tiny_config, train_checked
 
     out = tmp_path / "seen"
     out.mkdir()
-    cfg = tiny_config(tmp_path / "a", 1, 1, 2, *RUN, "training.train_steps=4", f"training.save_dir={tmp_path / 'ckpt'}")
-    run = train_checked(cfg, 2, after_build=functools.partial(_fresh_expert_run, str(out)))
+    # bf16 checkpoints need the distributed optimizer (config.py), whose resets are not supported yet.
+    ckpt = f"training.save_dir={tmp_path / 'ckpt'}" if precision == "fp32" else "training.save_dir=null"
+    cfg = tiny_config(tmp_path / "a", 1, 1, 2, *RUN, f"training.precision={precision}", "training.train_steps=4", ckpt)
+    hook = functools.partial(_fresh_expert_run, str(out))
+    if precision == "fp32":
+        run = train_checked(cfg, 2, after_build=hook)
+    else:  # megatron 0.16.1's non-distributed bf16 optimizer cannot give the checksums (the routers' fp32 params)
+        run_distributed(_train_with_hook, 2, args=(cfg, hook), timeout=300)
     seen = [torch.load(out / f"rank{r}.pt") for r in range(2)]
     merged = {k: v for s in seen for k, v in s.items()}
     layers = sorted({k.split(".")[0] for k in merged})
@@ -259,7 +281,10 @@ def test_trainer_fresh_expert_takes_fresh_adam_steps_and_its_step_moves_and_is_c
             want = _fresh_adamw(start, grads, hypers)
             for step, w in zip((3, 4), want):
                 got = merged[f"{key}.value{step}"]
-                assert torch.equal(got, w), f"layer {layer} {name} step {step}: {(got - w).abs().max()}"
+                # Bitwise in repeated runs; 1e-6 (absolute, on weights ~0.05 and updates ~3e-3) leaves
+                # room for rounding while the uncorrected update is off by ~1e-3 (checked below).
+                err = (got - w).abs().max().item()
+                assert err <= 1e-6, f"layer {layer} {name} step {step}: max diff {err}"
             # Sensitivity: with the parameter's own step (3) the first update is ~0.62x the fresh one.
             lr, betas, eps, wd = hypers[0]
             g = grads[0]
@@ -277,13 +302,22 @@ def test_trainer_fresh_expert_takes_fresh_adam_steps_and_its_step_moves_and_is_c
         assert all(s[f"{layer}.row_step_base"] == 2 for s in seen)
     assert checked == 4 * len(layers)
 
+    if precision != "fp32":
+        return
     # The checkpoint of step 4 holds the per-slot and per-row step bases by logical expert: loaded
     # at EP 1 (one process), their checksums equal the EP 2 run's (map rotated in both).
     key_slot = next(k for k in run.checksums if k.endswith("experts.slot_step_base"))
     key_row = next(k for k in run.checksums if k.endswith("router.row_step_base"))
     assert run.checksums[key_slot].abs_sum == 2 * len(layers) == run.checksums[key_row].abs_sum
     load = tiny_config(
-        tmp_path / "b", 1, 1, 1, *RUN, "training.train_steps=4", f"training.load_dir={tmp_path / 'ckpt'}"
+        tmp_path / "b",
+        1,
+        1,
+        1,
+        *RUN,
+        f"training.precision={precision}",
+        "training.train_steps=4",
+        f"training.load_dir={tmp_path / 'ckpt'}",
     )
     loaded = train_checked(load, 1)
     for key in (key_slot, key_row, "decoder.layers.mlp.placement.logical_to_physical"):
