@@ -114,6 +114,18 @@ def discover(env: Mapping[str, str] | None = None) -> DistEnv:
     return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
 
 
+def collective_device(group=None):
+    """The ``torch.device`` a tensor must live on for a collective on ``group`` (default: the world):
+    the current CUDA device under NCCL, which rejects CPU tensors, else the CPU (gloo, or no process
+    group at all)."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_distributed(dist_env: DistEnv | None = None, timeout_s: float = 600.0) -> DistEnv:
     """Join the default process group (gloo on CPU, NCCL on GPU) unless already joined."""
     import datetime

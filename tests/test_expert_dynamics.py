@@ -155,7 +155,7 @@ def test_schedule_and_seeds_and_checksum():
 
 
 def test_fresh_slot_state_zeroes_only_that_slots_adam_rows():
-    from megatron_timeexpert.train.expert_moves import fresh_router_row_state, fresh_slot_state
+    from megatron_timeexpert.train.slot_adam import fresh_router_row, fresh_slot_state
 
     w1 = torch.nn.Parameter(torch.randn(2, 3, 4))
     w2 = torch.nn.Parameter(torch.randn(2, 4, 3))
@@ -168,7 +168,7 @@ def test_fresh_slot_state_zeroes_only_that_slots_adam_rows():
     base = torch.zeros(2, dtype=torch.long)  # the per-slot Adam step base (train/slot_adam.py)
     layer = types.SimpleNamespace(experts=types.SimpleNamespace(parameters=lambda: [w1, w2], slot_step_base=base))
     fresh_slot_state(layer, opt, 1)
-    fresh_router_row_state(router, opt, 2)
+    fresh_router_row(router, opt, 2)
     assert base.tolist() == [0, 1] and router.row_step_base.tolist() == [0, 0, 1] + [0] * (E - 3)
     for p in (w1, w2):
         for key in ("exp_avg", "exp_avg_sq"):

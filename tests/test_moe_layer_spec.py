@@ -157,7 +157,8 @@ def test_moe_layer_gets_a_real_pre_mlp_norm_from_any_dense_spec():
 
 
 def _forced_reduction_on_one_rank() -> dict:
-    from megatron_timeexpert.moe.instrument import MoEInstrument, collective_device
+    from megatron_timeexpert.moe.instrument import MoEInstrument
+    from parallel.env import collective_device
 
     inst = MoEInstrument(4, name="moe/L1")
     routing_map = torch.tensor([[True, False, True, False], [False, False, False, False]])

@@ -29,17 +29,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_timeexpert.moe.types import NUM_TOKEN_TYPES, TokenType
+from parallel.env import collective_device
 
 PHASES = ("route", "dispatch", "experts", "combine")
 BYTE_FIELDS = ("dispatch_sent", "dispatch_received", "meta_sent", "meta_received", "combine_sent", "combine_received")
-
-
-def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
-    """Where a tensor must live for a collective on ``group``: the current CUDA device under NCCL
-    (which rejects CPU tensors), else the CPU (gloo)."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 class MoEInstrument:

@@ -132,18 +132,14 @@ def latest_checkpoint(save_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def model_sharded_state(models: list[torch.nn.Module]) -> dict[str, Any]:
-    """Every chunk's ``sharded_state_dict`` (what a checkpoint stores of the model), by chunk."""
-    return _model_state(models)
-
-
 def optimizer_sharded_state(optimizer, model_sd: dict[str, Any], is_loading: bool = False) -> dict[str, Any]:
     """The optimizer's ``sharded_state_dict`` against ``model_sd`` (what a checkpoint stores of it)."""
     distopt.ensure_state(optimizer)  # a DistributedOptimizer before its first step (train/distopt.py)
     return optimizer.sharded_state_dict(_flat(model_sd), is_loading=is_loading, metadata=distopt.checkpoint_metadata())
 
 
-def _model_state(models: list[torch.nn.Module]) -> dict[str, Any]:
+def model_sharded_state(models: list[torch.nn.Module]) -> dict[str, Any]:
+    """Every chunk's ``sharded_state_dict`` (what a checkpoint stores of the model), by chunk."""
     # Keys inside the ShardedTensors are global parameter names, so "model0"/"model1" (virtual
     # stages) only group them; a different vpp at load time regroups them.
     return {f"model{i}": _unwrap(m).sharded_state_dict() for i, m in enumerate(models)}
@@ -196,7 +192,7 @@ def save_checkpoint(
         tmp.mkdir()
     dist.barrier()
     t0 = time.perf_counter()
-    model_sd = _model_state(models)
+    model_sd = model_sharded_state(models)
     state = dict(model_sd)
     state["optimizer"] = optimizer_sharded_state(optimizer, model_sd)
     dist_checkpointing.save(state, str(tmp))
@@ -258,7 +254,7 @@ def load_checkpoint(
     path = Path(path)
     if not (path / MARKER).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
-    model_sd = _model_state(models)
+    model_sd = model_sharded_state(models)
     state = dict(model_sd)
     if optimizer is not None:
         state["optimizer"] = optimizer_sharded_state(optimizer, model_sd, is_loading=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 import torch.distributed as dist
 
 from megatron_timeexpert.moe.dynamics import (
@@ -32,7 +31,8 @@ from megatron_timeexpert.moe.dynamics import (
     check_decision_consistent,
     decide_expert_changes,
 )
-from megatron_timeexpert.train.expert_moves import fresh_router_row_state, fresh_slot_state
+from megatron_timeexpert.train.slot_adam import fresh_router_row, fresh_slot_state
+from parallel.env import collective_device
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class ExpertDynamicsHook:
         step = trainer.state.step
         layers = _moe_layers(trainer)
         if self.cfg.decides_at(step):
-            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+            device = collective_device()
             for layer in layers:
                 self._decide(trainer, layer, step, device)
         if self.cfg.window_ends_at(step):
@@ -76,7 +76,7 @@ class ExpertDynamicsHook:
         for e, slot in apply_expert_changes(layer, decision, self.cfg):
             if slot is not None:
                 fresh_slot_state(layer, trainer.optimizer, slot)
-            fresh_router_row_state(layer.router, trainer.optimizer, e)
+            fresh_router_row(layer.router, trainer.optimizer, e)
         self.decisions.append(decision)
         if _first_of(layer.stats_group):
             log.info("expert dynamics: %s", decision.describe())

@@ -83,22 +83,3 @@ def install_placement(layer, optimizer, new_map: torch.Tensor) -> MigrationStats
     )
     layer.placement.set_map(new_map)
     return stats
-
-
-def fresh_slot_state(layer, optimizer, slot: int) -> None:
-    """Optimizer state of ``layer``'s local expert slot ``slot`` as for a newly added expert: both Adam
-    moments of its rows zeroed, its per-slot Adam step set to 0 (so its next updates are a fresh
-    Adam's), and under bf16 the fp32 main copy takes the slot's current weights. See
-    :func:`megatron_timeexpert.train.slot_adam.fresh_slot_state`. No communication; the distributed
-    optimizer raises NotImplementedError (its state lives in flat shards)."""
-    from megatron_timeexpert.train.slot_adam import fresh_slot_state as fresh
-
-    fresh(layer, optimizer, slot)
-
-
-def fresh_router_row_state(router, optimizer, expert: int) -> None:
-    """The same for the router's rows of logical expert ``expert`` (``W_g[e]`` and, for TimeExpert,
-    ``G[e]``), on every rank: :func:`megatron_timeexpert.train.slot_adam.fresh_router_row`."""
-    from megatron_timeexpert.train.slot_adam import fresh_router_row
-
-    fresh_router_row(router, optimizer, expert)

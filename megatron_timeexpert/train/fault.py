@@ -48,6 +48,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from parallel.env import collective_device
+
 log = logging.getLogger(__name__)
 
 KILL_AT_STEP_ENV = "TIMEEXPERT_FAULT_KILL_AT_STEP"
@@ -129,7 +131,7 @@ class StepGuard:
 
     def should_stop(self, step: int) -> bool:
         """True on every rank once any rank received a pre-emption signal (collective, after ``step``)."""
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        device = collective_device()
         flag = torch.tensor([0 if self.stop_signal is None else 1], dtype=torch.int32, device=device)
         try:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -31,6 +31,7 @@ from megatron_timeexpert.train.precision import param_group_overrides, wrap_bf16
 from megatron_timeexpert.train.slot_adam import install_slot_adam
 from megatron_timeexpert.train.synthetic import SyntheticTokens
 from parallel.cpu_compat import apply_cpu_shims
+from parallel.env import collective_device
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ class Pretrainer:
         layers = [layer for model in self.models for layer in _moe_layers(model)]
         if not layers:
             return
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # NCCL needs CUDA tensors
+        device = collective_device()  # NCCL needs CUDA tensors
         counts = torch.tensor(
             [sum(_loss_tokens(mb) for mb in microbatches), len(microbatches)], dtype=torch.float64, device=device
         )
@@ -305,7 +306,7 @@ class Pretrainer:
         """Sum of token losses / tokens over the whole global batch, known to every rank."""
         from megatron.core import parallel_state as ps
 
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"  # NCCL needs CUDA tensors
+        device = collective_device()  # NCCL needs CUDA tensors
         totals = torch.zeros(2, dtype=torch.float64, device=device)
         if reduced and ps.get_tensor_model_parallel_rank() == 0:
             for d in reduced:
