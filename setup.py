@@ -29,10 +29,13 @@ EXTRAS = {
     "gpu": ["transformer-engine[pytorch]", "nvidia-dali-cuda120"],
     "video": ["av>=12"],
     "logging": ["wandb", "tensorboard"],
-    "eval": ["transformers", "sentencepiece"],
+    # transformers: the SigLIP vision encoder; sentencepiece: the text tokenizer;
+    # pycocoevalcap: CIDEr and METEOR for dense captioning (METEOR runs Java).
+    "model": ["transformers>=4.45", "sentencepiece"],
+    "eval": ["transformers>=4.45", "sentencepiece", "pycocoevalcap"],
     "launch": ["mpi4py"],
 }
-EXTRAS["dev"] = sorted(set(EXTRAS["video"] + EXTRAS["logging"] + ["pytest", "pytest-timeout", "ruff", "scikit-video"]))
+EXTRAS["dev"] = sorted(set(EXTRAS["video"] + EXTRAS["logging"] + EXTRAS["eval"] + ["pytest", "pytest-timeout", "ruff", "scikit-video"]))
 
 setup(
     name="megatron-timeexpert",
