@@ -3,6 +3,12 @@
     timeexpert pretrain --config configs/tiny_moe.yaml --nproc 4          # local CPU/GPU processes
     torchrun --nproc-per-node 8 -m megatron_timeexpert.cli pretrain --config X training.lr=3e-4
     timeexpert config --config configs/tiny_moe.yaml parallel.tp=1        # print the resolved config
+    timeexpert eval --task charades --pred P.json --gt G.txt               # score predictions (no GPU, no ranks)
+    timeexpert tokenizer train --corpus a.txt --vocab-size 512 --out tok  # sentencepiece text tokenizer
+    timeexpert placement-sim --loads zipf --experts 256 --ep 16           # placement planner simulator
+
+The last three are self-contained: each is a module with ``main(argv) -> int`` (see ``SUBTOOLS``),
+so ``timeexpert eval --help`` shows that module's own options.
 
 Overrides are ``section.field=value`` (YAML scalars). ``--resume`` continues from the newest
 complete checkpoint in ``training.save_dir``. ``--nproc N`` starts N local processes through
@@ -12,6 +18,7 @@ torchrun when the command is not already running under a launcher (torchrun, sru
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -19,6 +26,13 @@ import sys
 import yaml
 
 from megatron_timeexpert.config import ConfigError, load_config
+
+# Subcommands that own their argument parsing: name -> module with ``main(argv: list[str]) -> int``.
+SUBTOOLS = {
+    "eval": "megatron_timeexpert.eval.cli",
+    "tokenizer": "megatron_timeexpert.data.tokenizer",
+    "placement-sim": "tools.placement_sim",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the resolved configuration")
     show.add_argument("--config", required=True)
     show.add_argument("overrides", nargs="*")
+    for name, module in SUBTOOLS.items():
+        sub.add_parser(name, help=f"see `timeexpert {name} --help` ({module})", add_help=False)
     return p
 
 
@@ -63,6 +79,8 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBTOOLS:
+        return int(importlib.import_module(SUBTOOLS[argv[0]]).main(argv[1:]) or 0)
     args = _parser().parse_args(argv)
     overrides = list(args.overrides)
     try:
