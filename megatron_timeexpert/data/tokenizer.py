@@ -14,7 +14,7 @@ lines fed from memory so no file name is stored): the same corpus text and optio
 model bytes. Defaults: BPE, byte fallback (no text is ever
 UNK, decode(encode(s)) == s up to whitespace runs, which sentencepiece collapses), identity
 normalisation. The vocabulary size is a soft limit: a corpus too small for it gives fewer pieces
-(:attr:`TextTokenizer.vocab_size` is the real size); with byte fallback it is at least 261.
+(:attr:`TextTokenizer.vocab_size` is the real size); with byte fallback it is at least 262.
 """
 
 from __future__ import annotations
