@@ -19,6 +19,7 @@ import yaml
 
 from megatron_timeexpert.moe.dynamics import ExpertDynamicsConfig
 from parallel.layout import LayoutError, ParallelLayout
+from parallel.planner import RebalanceConfig
 
 
 class ConfigError(ValueError):
@@ -118,6 +119,9 @@ class MoEConfig:
     """timeexpert, evaluation: the same choice in eval mode."""
     dynamics: ExpertDynamicsConfig = field(default_factory=ExpertDynamicsConfig)
     """timeexpert/topk: adding and pruning experts while training (eq. 7-8), section ``moe.dynamics``."""
+    placement: RebalanceConfig = field(default_factory=RebalanceConfig)
+    """timeexpert/topk: re-planning expert placement over EP ranks and migrating experts while
+    training (after adds/prunes and on persistent imbalance), section ``moe.placement``."""
 
     def validate(self) -> None:
         _check(self.router in ROUTERS, "moe", "router", self.router, f"choose one of {ROUTERS}")
@@ -158,6 +162,17 @@ class MoEConfig:
             "enabled",
             self.dynamics.enabled,
             "adding and pruning experts needs our MoE layer (moe.router 'topk' or 'timeexpert')",
+        )
+        try:
+            self.placement.validate()
+        except ValueError as e:
+            raise ConfigError(f"moe.placement.{e}") from None
+        _check(
+            not self.placement.enabled or self.router in ("topk", "timeexpert"),
+            "moe.placement",
+            "enabled",
+            self.placement.enabled,
+            "re-planning expert placement needs our MoE layer (moe.router 'topk' or 'timeexpert')",
         )
         _check(
             isinstance(self.num_experts, int) and self.num_experts > 0,
@@ -380,6 +395,16 @@ class Config:
             "only with training.distributed_optimizer=true: megatron-core 0.16.1's non-distributed bf16 "
             "optimizer cannot checkpoint the routers' fp32 parameters",
         )
+        for name, section in (("dynamics", self.moe.dynamics), ("placement", self.moe.placement)):
+            _check(
+                not (section.enabled and t.distributed_optimizer),
+                f"moe.{name}",
+                "enabled",
+                section.enabled,
+                "moving experts and fresh per-slot optimizer state are not implemented for "
+                "training.distributed_optimizer=true yet (its state lives in flat data-parallel shards); "
+                "use the plain optimizer",
+            )
         if world_size is not None:
             try:
                 self.parallel.validate(

@@ -83,6 +83,72 @@ class PlannerConfig:
             raise ValueError(f"PlannerConfig.bytes_per_expert must be an integer >= 0, got {self.bytes_per_expert}")
 
 
+@dataclass
+class RebalanceConfig:
+    """When a training run re-plans expert placement (YAML section ``moe.placement``; the trainer's
+    hook is megatron_timeexpert/train/expert_placement.py). The load is each expert's running average
+    of tokens routed per step (the routing records' ``load_ema``, reduced over every rank of the
+    stage); experts have equal compute, so tokens are the load."""
+
+    enabled: bool = False
+    """Re-plan and migrate experts while training (needs our MoE layer and EP > 1 to move anything)."""
+
+    check_interval: int = 10
+    """Every this many optimizer steps the rank-load imbalance (max/mean over EP ranks) of the load
+    average is checked against ``imbalance_threshold``."""
+
+    imbalance_threshold: float = 1.15
+    """Re-plan when the load average's max/mean rank load exceeds this (> 1)."""
+
+    load_window_steps: int = 20
+    """The load average is an EMA over about this many steps (decay ``1 - 1/window``), so the
+    imbalance must persist over a window, not one noisy step, to trigger a re-plan."""
+
+    warmup_steps: int = 0
+    """No imbalance-triggered re-plan at or before this step (routing settles first)."""
+
+    after_dynamics: bool = True
+    """Re-plan a layer right after experts were added to or pruned from it (moe.dynamics)."""
+
+    force_interval: int = 0
+    """Re-plan every this many steps whatever the imbalance (0: never; benchmarks and tests)."""
+
+    tolerance: float = 0.02
+    """Planner tolerance (:class:`PlannerConfig`): among plans within this of the best max rank
+    load, the one moving the fewest experts wins."""
+
+    trace: bool = False
+    """Write the routing trace (tokens per expert per layer per step) to
+    ``logging.run_dir/routing_trace/pp{stage}.jsonl`` for tools/placement_sim.py."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field (``field: why``)."""
+        for name in ("check_interval", "load_window_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}={v!r}: must be an integer >= 1")
+        for name in ("warmup_steps", "force_interval"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name}={v!r}: must be an integer >= 0")
+        if not (isinstance(self.imbalance_threshold, (int, float)) and self.imbalance_threshold > 1.0):
+            raise ValueError(f"imbalance_threshold={self.imbalance_threshold!r}: must be a number > 1")
+        if not (isinstance(self.tolerance, (int, float)) and 0.0 <= self.tolerance < 1.0):
+            raise ValueError(f"tolerance={self.tolerance!r}: must be in [0, 1)")
+
+    @property
+    def load_decay(self) -> float:
+        return 1.0 - 1.0 / self.load_window_steps
+
+
+def rank_imbalance(load, current_map, ep_size: int, slots_per_rank: int) -> float:
+    """max / mean rank load of ``load`` under ``current_map`` (1.0 when there is no load)."""
+    load, l2p = _check_inputs(load, current_map, ep_size, slots_per_rank)
+    totals = _rank_loads(load, l2p // int(slots_per_rank), int(ep_size))
+    mean = float(totals.mean())
+    return float(totals.max()) / mean if mean > 0 else 1.0
+
+
 @dataclass(frozen=True)
 class Move:
     """One logical expert changing rank: from (src_rank, src_slot) to (dst_rank, dst_slot)."""

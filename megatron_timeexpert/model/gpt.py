@@ -121,6 +121,7 @@ def router_config(cfg: Config):
         num_initial_experts=m.num_initial_experts,
         weighting=m.weighting,
         rate_decay=m.rate_decay,
+        load_decay=m.placement.load_decay,
         expert_norm_coeff=m.expert_norm_coeff,
         empty_token_policy=m.empty_token_policy,
         eval_empty_token_policy=m.eval_empty_token_policy,

@@ -9,6 +9,9 @@ Owns, as buffers (so they travel in ``state_dict`` and checkpoints):
 - ``*_unrouted_sum`` / ``*_unrouted_count`` (R_S): the float64 sum and the number of embeddings of
   tokens that fired no expert (``unrouted_mean()`` gives the normalised mean used to add an expert,
   TimeExpert eq. 7);
+- per-expert load for placement: ``step_counts`` (tokens routed to each expert in the last step,
+  all ranks; not persistent) and ``load_ema``, an EMA of it with decay ``load_decay`` (the running
+  average the placement planner balances, parallel/planner.py; tokens per step);
 - per token type: token counts and per-expert activation counts (``[num_types, E_max]``), and the
   running activation rate ``type_rate`` = A_t, an EMA of "fraction of type-t tokens that fired
   expert e" that the TimeExpert gate reads (eq. 6).
@@ -63,6 +66,8 @@ class RoutingRecords(nn.Module):
             type's first observation initialises A_t directly.
         group: process group over which :meth:`finish_step` sums the step's contributions (all ranks
             of the stage holding distinct tokens); None: no reduction.
+        load_decay: EMA decay of ``load_ema`` (``1 - 1/window`` averages over about ``window``
+            steps); its first step takes the step's counts directly.
     """
 
     def __init__(
@@ -72,10 +77,14 @@ class RoutingRecords(nn.Module):
         num_types: int = NUM_TOKEN_TYPES,
         rate_decay: float = 0.99,
         group: dist.ProcessGroup | None = None,
+        load_decay: float = 0.9,
     ) -> None:
         super().__init__()
         if not 0.0 <= rate_decay < 1.0:
             raise ValueError(f"rate_decay must be in [0, 1), got {rate_decay!r}")
+        if not 0.0 <= load_decay < 1.0:
+            raise ValueError(f"load_decay must be in [0, 1), got {load_decay!r}")
+        self.load_decay = load_decay
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.num_types = num_types
@@ -86,6 +95,8 @@ class RoutingRecords(nn.Module):
         self.register_buffer("window_start_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("last_active_step", torch.zeros(num_experts, dtype=torch.long))
         self.register_buffer("type_rate", torch.zeros(num_types, num_experts, dtype=torch.float32))
+        self.register_buffer("load_ema", torch.zeros(num_experts, dtype=f64))
+        self.register_buffer("step_counts", torch.zeros(num_experts, dtype=f64), persistent=False)
         for prefix in ("total", "window"):
             self.register_buffer(f"{prefix}_counts", torch.zeros(num_experts, dtype=f64))
             self.register_buffer(f"{prefix}_type_counts", torch.zeros(num_types, num_experts, dtype=f64))
@@ -159,6 +170,11 @@ class RoutingRecords(nn.Module):
         new_rate = torch.where(first.unsqueeze(1), rate, ema)
         self.type_rate.copy_(torch.where(present.unsqueeze(1), new_rate, self.type_rate))
         self.last_active_step.copy_(torch.where(counts > 0, self.step, self.last_active_step))
+        self.step_counts.copy_(counts)
+        if int(self.step) == 1:
+            self.load_ema.copy_(counts)
+        else:
+            self.load_ema.mul_(self.load_decay).add_(counts, alpha=1.0 - self.load_decay)
         for prefix in ("total", "window"):
             getattr(self, f"{prefix}_counts").add_(counts)
             getattr(self, f"{prefix}_type_counts").add_(type_counts)
@@ -185,6 +201,7 @@ class RoutingRecords(nn.Module):
         self.window_counts[e] = 0
         self.window_type_counts[:, e] = 0
         self.type_rate[:, e] = 0
+        self.load_ema[e] = 0
         self.last_active_step[e] = self.step
 
     # ------------------------------------------------------------------ read-outs

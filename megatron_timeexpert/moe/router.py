@@ -76,6 +76,10 @@ class RouterConfig:
     """EMA decay of the per-type activation rates A_t, in [0, 1); one EMA step per optimizer step
     (:meth:`finish_step`), from the counts of the whole global batch."""
 
+    load_decay: float = 0.9
+    """EMA decay of the per-expert load (tokens per step) the placement planner balances, in [0, 1)
+    (``moe.placement.load_window_steps`` sets it to ``1 - 1/window``)."""
+
     token_types: tuple[str, ...] = ("visual", "text", "time", "score")
     """Token types present in this model (names of :class:`TokenType`, lower case); metrics are
     reported for these. A_t always has one row per TokenType value."""
@@ -139,6 +143,8 @@ class RouterConfig:
             bad("threshold_init", "must be finite")
         if not 0.0 <= self.rate_decay < 1.0:
             bad("rate_decay", "must be in [0, 1)")
+        if not 0.0 <= self.load_decay < 1.0:
+            bad("load_decay", "must be in [0, 1)")
         names = [t.name.lower() for t in TokenType]
         if not self.token_types or len(set(self.token_types)) != len(self.token_types):
             bad("token_types", "must be a non-empty tuple without duplicates")
@@ -204,7 +210,9 @@ class _Router(nn.Module):
         # Per-row Adam step base of W_g[e] and G[e] (train/slot_adam.py): row e's own optimizer step
         # is the parameter's step minus this; 0 = as old as the parameter. Replicated like the router.
         self.register_buffer("row_step_base", torch.zeros(e, dtype=torch.long))
-        self.records = RoutingRecords(e, hidden_size, NUM_TOKEN_TYPES, config.rate_decay, group=group)
+        self.records = RoutingRecords(
+            e, hidden_size, NUM_TOKEN_TYPES, config.rate_decay, group=group, load_decay=config.load_decay
+        )
         self._metric_types = [(TokenType[n.upper()].value, n) for n in config.token_types]
 
     @property

@@ -70,6 +70,11 @@ def slot_tensors(layer, optimizer) -> list[torch.Tensor]:
     return out
 
 
+def slot_row_bytes(layer, optimizer) -> int:
+    """Bytes that move with one expert of ``layer``: one slot row of every slot-keyed tensor."""
+    return sum(t[0].numel() * t.element_size() for t in slot_tensors(layer, optimizer))
+
+
 def install_placement(layer, optimizer, new_map: torch.Tensor) -> MigrationStats:
     """Move ``layer``'s experts (weights and optimizer state) to ``new_map`` and install it.
 

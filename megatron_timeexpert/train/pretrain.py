@@ -123,6 +123,11 @@ class Pretrainer:
             from megatron_timeexpert.train.expert_dynamics import ExpertDynamicsHook
 
             self.step_hooks.append(ExpertDynamicsHook(cfg.moe.dynamics))
+        if cfg.moe.placement.enabled:
+            from megatron_timeexpert.train.expert_placement import PlacementHook
+
+            dynamics = self.step_hooks[0] if self.step_hooks else None
+            self.step_hooks.append(PlacementHook(cfg.moe.placement, dynamics, run_dir=cfg.logging.run_dir))
         self.data = self._data()
         self._restore()
 
