@@ -38,7 +38,7 @@ def _numbers(text: str) -> list[int]:
 
 
 def _sample(frame_times, instruction, events):
-    """ids, types, loss_mask (over targets) of one sample laid out as tokens.md says."""
+    """ids, types and the target mask (aligned with ids, as data/vtg.py) of one sample laid out as tokens.md says."""
     ids, types = [BOS], [TokenType.TEXT]
 
     def put(new_ids, kind):
@@ -63,9 +63,9 @@ def _sample(frame_times, instruction, events):
     n = len(ids)
     assert n <= SEQ
     put([PAD] * (SEQ - n), TokenType.TEXT)
-    target_counts = torch.zeros(SEQ)
-    target_counts[response - 1 : n - 1] = 1  # position i predicts i + 1: the response and the EOS
-    return ids, [int(t) for t in types], target_counts
+    targets = torch.zeros(SEQ)
+    targets[response:n] = 1  # aligned with ids, as data/vtg.py makes it: the response and the EOS
+    return ids, [int(t) for t in types], targets
 
 
 def make_batch() -> dict[str, torch.Tensor]:
@@ -78,16 +78,16 @@ def make_batch() -> dict[str, torch.Tensor]:
     ]
     ids = torch.tensor([s[0] for s in samples])
     types = torch.tensor([s[1] for s in samples])
-    labels, label_types = next_token_targets(ids, types, pad_id=PAD)
+    t = next_token_targets(ids, types, torch.stack([s[2] for s in samples]), pad_id=PAD)
     g = torch.Generator().manual_seed(7)
     return {
         "ids": ids,
         "types": types,
         "position_ids": torch.arange(SEQ).expand(2, SEQ).contiguous(),
         "visual": torch.randn(2, 2 * N_SLOTS, HIDDEN, generator=g),
-        "labels": labels,
-        "label_types": label_types,
-        "loss_mask": torch.stack([s[2] for s in samples]),
+        "labels": t.labels,
+        "label_types": t.label_types,
+        "loss_mask": t.loss_mask,
     }
 
 
@@ -136,6 +136,17 @@ def _single_process() -> dict:
     torch.set_num_threads(2)
     (model,) = build_timeexpert_model(cfg)
     b = make_batch()
+    with torch.no_grad():  # [s, b, h] embeddings minus position embeddings at the VISUAL positions
+        emb = model.embedding
+        extra = torch.cat([b["visual"], torch.randn(2, 4, HIDDEN)], dim=1)  # spare slot tokens are unused
+        x = emb(b["ids"], b["types"], b["position_ids"], extra).transpose(0, 1)
+        x = x - emb.position_embeddings(b["position_ids"])
+        visual_rows = [x[i][b["types"][i] == TokenType.VISUAL] for i in range(2)]
+        try:
+            emb(b["ids"], b["types"], b["position_ids"], b["visual"][:, :12])
+            too_few = None
+        except ValueError as e:
+            too_few = str(e)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     history = []
     for _ in range(20):
@@ -160,6 +171,9 @@ def _single_process() -> dict:
         h: int((mask & (b["label_types"] == t)).sum()) for h, t in ((Head.TEXT, 1), (Head.TIME, 2), (Head.SCORE, 3))
     }
     return {
+        "visual_rows": visual_rows,
+        "visual": b["visual"],
+        "too_few": too_few,
         "history": history,
         "report": {k: v.tolist() for k, v in report.items()},
         "num_tokens": int(num_tokens),
@@ -185,6 +199,12 @@ def test_batch_follows_the_token_contract():
     first = (b["loss_mask"][0] > 0).nonzero()[0].item()
     assert b["labels"][0, first] == TEXT_SYNC and b["label_types"][0, first] == TokenType.TEXT
     assert {int(t) for t in b["label_types"][b["loss_mask"] > 0]} == {1, 2, 3}
+
+
+def test_visual_slot_tokens_fill_the_visual_positions_in_order(single):
+    for i in range(2):
+        assert (single["visual_rows"][i] - single["visual"][i]).abs().max().item() < 1e-6
+    assert "16 VISUAL positions" in single["too_few"] and "12 slot tokens" in single["too_few"]
 
 
 def test_model_learns_one_batch(single):

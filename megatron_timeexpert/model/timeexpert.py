@@ -14,10 +14,11 @@ One :class:`TimeExpertModel` per (virtual) pipeline stage, built like megatron's
   score head (replicated, h -> 13); each position is scored by the head of its TARGET's type
   (tokens.md). See :mod:`megatron_timeexpert.model.heads` for the loss tensor and who owns what.
 
-Targets: ``labels[b, i]`` / ``label_types[b, i]`` are the id and type of position ``i + 1``
-(:func:`next_token_targets` shifts ``ids``/``types``), and ``loss_mask[b, i]`` says whether that
-target counts (tokens.md: the response tokens and the final EOS). The trainer passes them; the
-model does not shift.
+Targets: ``labels[b, i]`` / ``label_types[b, i]`` are the id and type of position ``i + 1``, and
+``loss_mask[b, i]`` says whether that target counts (tokens.md: the response tokens and the final
+EOS), i.e. megatron's convention (masks aligned with the predicting position). The trainer passes
+them; the model does not shift. :func:`next_token_targets` makes them from ``ids``, ``types`` and
+data/vtg.py's ``loss_mask`` (which is aligned with the TARGET position, so it is shifted left).
 
 Communication (TP group, per forward): the text embedding's all-reduce, one scatter of the
 embeddings (first stage); the block's own; the text head's all-gather of its input and the
@@ -68,12 +69,29 @@ class TimeExpertModelConfig:
         return cls(text_vocab_size=cfg.model.vocab_size, max_sequence_length=cfg.model.seq_length)
 
 
-def next_token_targets(ids: Tensor, types: Tensor, pad_id: int = 0) -> tuple[Tensor, Tensor]:
-    """``labels, label_types [b, s]``: the id and type of the next position; the last position gets
-    ``pad_id`` / TEXT (its ``loss_mask`` must be 0)."""
+@dataclass
+class Targets:
+    """What position ``i`` of a sequence predicts (the model's ``labels``/``label_types``/``loss_mask``)."""
+
+    labels: Tensor
+    """long ``[b, s]``: the id of position ``i + 1`` (``pad_id`` at the last position)."""
+    label_types: Tensor
+    """long ``[b, s]``: the :class:`TokenType` of position ``i + 1`` (TEXT at the last position)."""
+    loss_mask: Tensor | None
+    """float ``[b, s]``: whether position ``i + 1`` is a counted target (0 at the last position);
+    None when no target mask was given."""
+
+
+def next_token_targets(ids: Tensor, types: Tensor, target_mask: Tensor | None = None, pad_id: int = 0) -> Targets:
+    """Shift a sequence into next-token targets. ``target_mask [b, s]`` is aligned with ``ids`` as
+    data/vtg.py makes it (``target_mask[i] = 1``: position ``i`` is a response target); the model's
+    ``loss_mask`` is aligned with the PREDICTING position, so it is ``target_mask`` shifted left."""
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], pad_id)], dim=1)
     label_types = torch.cat([types[:, 1:], torch.full_like(types[:, :1], int(TokenType.TEXT))], dim=1)
-    return labels, label_types
+    loss_mask = None
+    if target_mask is not None:
+        loss_mask = torch.cat([target_mask[:, 1:], torch.zeros_like(target_mask[:, :1])], dim=1)
+    return Targets(labels, label_types, loss_mask)
 
 
 class TimeExpertEmbedding(MegatronModule):
