@@ -287,8 +287,10 @@ def _load_full(model, full: dict[str, torch.Tensor]) -> None:
             t.copy_(src)
 
 
-def _run_layout(tp: int, pp: int, full: dict | None, plant: str | None = None) -> dict:
-    """Build at (tp, pp), load ``full`` (or keep the fresh init), one forward-backward of 2
+def _run_layout(
+    tp: int, pp: int, full: dict | None, plant: str | None = None, vpp: int | None = None, num_layers: int = 2
+) -> dict:
+    """Build at (tp, pp, vpp), load ``full`` (or keep the fresh init), one forward-backward of 2
     microbatches through megatron's schedule, DDP + finalize_model_grads, megatron's grad norm."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -298,28 +300,31 @@ def _run_layout(tp: int, pp: int, full: dict | None, plant: str | None = None) -
     from megatron_timeexpert.model.timeexpert import build_timeexpert_model
 
     cfg = tiny_config(tp=tp, pp=pp)
+    cfg.model.num_layers = num_layers
+    cfg.parallel.vpp = vpp
     _init(cfg)
-    (chunk,) = build_timeexpert_model(cfg)
-    if full is not None:
-        _load_full(chunk, full)
-    if plant == "time_embedding_sequence_parallel" and chunk.pre_process:
-        chunk.embedding.time_embeddings.weight.sequence_parallel = True
-    off = _layer_offset(chunk)
-    weights = {_global_name(n, off): _tp_gather(p.detach(), p) for n, p in chunk.named_parameters()}
-    buffers = {_global_name(n, off): t.detach().clone() for n, t in chunk.named_buffers()}
-    tconfig = chunk.config
-    model = DistributedDataParallel(
-        tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False), chunk
-    )
+    chunks = build_timeexpert_model(cfg)
+    weights, buffers = {}, {}
+    for chunk in chunks:
+        if full is not None:
+            _load_full(chunk, full)
+        if plant == "time_embedding_sequence_parallel" and chunk.pre_process:
+            chunk.embedding.time_embeddings.weight.sequence_parallel = True
+        off = _layer_offset(chunk)
+        weights.update({_global_name(n, off): _tp_gather(p.detach(), p) for n, p in chunk.named_parameters()})
+        buffers.update({_global_name(n, off): t.detach().clone() for n, t in chunk.named_buffers()})
+    tconfig = chunks[0].config
+    ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
+    models = [DistributedDataParallel(tconfig, ddp, chunk, disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
     tconfig.finalize_model_grads_func = finalize_model_grads
     opt = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-12, clip_grad=1e9, params_dtype=torch.float32), [model]
+        OptimizerConfig(optimizer="adam", lr=1e-12, clip_grad=1e9, params_dtype=torch.float32), models
     )
     b = make_batch()
     microbatches = [{k: v[i : i + 1] for k, v in b.items()} for i in range(2)]
     captured = []
     types_seen = []
-    chunk.decoder.layers[0].mlp.register_forward_pre_hook(
+    chunks[0].decoder.layers[0].mlp.register_forward_pre_hook(
         lambda mod, args, kwargs: types_seen.append(kwargs["padding_mask"].clone()), with_kwargs=True
     )
 
@@ -331,25 +336,31 @@ def _run_layout(tp: int, pp: int, full: dict | None, plant: str | None = None) -
         mb = next(data_iterator)
         return _forward(m, mb), loss_func
 
-    model.zero_grad_buffer()
+    for m in models:
+        m.zero_grad_buffer()
     reduced = get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter(microbatches),
-        model=model,
+        data_iterator=[iter(microbatches) for _ in models] if len(models) > 1 else iter(microbatches),
+        model=models if len(models) > 1 else models[0],
         num_microbatches=2,
         seq_length=SEQ,
         micro_batch_size=1,
         forward_only=False,
     )
-    grads = {_global_name(n, off): _tp_gather(p.main_grad.detach().clone(), p) for n, p in chunk.named_parameters()}
+    grads = {}
+    for chunk in chunks:
+        off = _layer_offset(chunk)
+        grads.update(
+            {_global_name(n, off): _tp_gather(p.main_grad.detach().clone(), p) for n, p in chunk.named_parameters()}
+        )
     generation = None
     if pp == 1:
         with torch.no_grad():
-            hidden = _forward(chunk, b, labels=False)[:, -10]  # [b, h] at one position
-            generation = [chunk.logits_for_generation(hidden, head) for head in range(3)]
+            hidden = _forward(chunks[0], b, labels=False)[:, -10]  # [b, h] at one position
+            generation = [chunks[0].logits_for_generation(hidden, head) for head in range(3)]
     sharded = {
         k: (tuple(v.global_shape), tuple(v.global_offset))
-        for k, v in chunk.sharded_state_dict().items()
+        for k, v in chunks[0].sharded_state_dict().items()
         if not k.startswith("decoder.") and k.endswith(".weight")
     }
     _, grad_norm, _ = opt.step()
@@ -383,6 +394,10 @@ def _layouts() -> dict:
     out["tp2"] = _run_layout(2, 1, full)
     out["tp2_planted"] = _run_layout(2, 1, full, plant="time_embedding_sequence_parallel")
     out["pp2"] = _run_layout(1, 2, full)
+    # Interleaved 1F1B: 4 layers, PP = 2 with 2 virtual stages per rank, against its own TP = 1 reference.
+    ref4 = _run_layout(1, 1, None, num_layers=4)
+    out["ref4"] = ref4
+    out["vpp"] = _run_layout(1, 2, {**ref4["weights"], **ref4["buffers"]}, vpp=2, num_layers=4)
     for r in out.values():
         r.pop("weights")
         r.pop("buffers")
@@ -411,9 +426,9 @@ def _grad_errors(ref: dict, other: dict) -> dict[str, float]:
     return {n: ((ref[n] - other[n]).abs().max() / (ref[n].abs().max() + 1e-12)).item() for n in ref}
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "vpp"])
 def test_layout_gives_the_reference_losses_and_gradients(layouts, layout):
-    ref, other = _merged(layouts, "ref"), _merged(layouts, layout)
+    ref, other = _merged(layouts, "ref4" if layout == "vpp" else "ref"), _merged(layouts, layout)
     assert other["losses"].shape == ref["losses"].shape == (2, SEQ)
     assert (other["losses"] - ref["losses"]).abs().max().item() < 1e-5
     errs = _grad_errors(ref["grads"], other["grads"])
