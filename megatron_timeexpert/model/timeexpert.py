@@ -228,6 +228,11 @@ class TimeExpertModel(MegatronModule):
             self.time_head = NumberHead(config)
             self.score_head = NumberHead(config)
         self.model_type = _encoder_or_decoder()
+        # Token types go to our MoE layers only: megatron's own MoE layer (moe.router 'megatron')
+        # would read padding_mask as a padding mask (as train/pretrain.py, which passes none then).
+        self.routes_by_type = any(
+            hasattr(m, "set_aux_loss_scale") and hasattr(m, "pop_metrics") for m in self.decoder.modules()
+        )
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline schedules hand the previous stage's output here (megatron's contract)."""
@@ -254,8 +259,8 @@ class TimeExpertModel(MegatronModule):
         from megatron.core import tensor_parallel
 
         decoder_input = self.embedding(ids, types, position_ids, visual) if self.pre_process else None
-        padding_mask = types
-        if self.config.sequence_parallel:
+        padding_mask = types if self.routes_by_type else None
+        if padding_mask is not None and self.config.sequence_parallel:
             # Our MoE layer accepts [b, S] or this rank's [b, S / tp]; give it the chunk, as GPTModel does.
             padding_mask = tensor_parallel.scatter_to_sequence_parallel_region(types.t().contiguous()).t().contiguous()
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask, padding_mask=padding_mask)
