@@ -56,6 +56,18 @@ def test_localisation_hand_computed():
     assert m["F1_of_mean_PR"] == pytest.approx(100 * 2 * p * r / (p + r))
 
 
+def test_threshold_ties_fall_below_because_of_the_epsilon():
+    # (0,5) in (0,10): 5 / (10 + 1e-8) is just under 0.5, so at tIoU 0.5 it neither covers (> 0.5) nor pairs
+    # (>= 0.5) the event; at 0.3 it does both.
+    gt = _video("v", [(0, 10)], ["g"])
+    p = _video("v", [(0, 5)], ["p"])
+    m = localisation_metrics([gt], [p])
+    assert (m["Precision@0.3"], m["Precision@0.5"], m["Recall@0.5"]) == (100.0, 0.0, 0.0)
+    tg, tp = TokenisedVideo(gt.segments, gt.captions), TokenisedVideo(p.segments, p.captions)
+    assert caption_pairs(tg, tp, 0.3) == [("p", "g")]
+    assert caption_pairs(tg, tp, 0.5)[0][1] != "g"
+
+
 def test_missing_and_empty_predictions_count(tmp_path):
     gt = [_video("a", [(0, 10)]), _video("b", [(0, 10)]), _video("c", [(0, 10)])]
     preds = {"a": _video("a", [(0, 10)]), "b": _video("b", []), "zzz": _video("zzz", [(0, 1)])}

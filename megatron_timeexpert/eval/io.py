@@ -110,7 +110,7 @@ def _read_text(path: Path) -> str:
         raise EvalInputError(f"{path}: file not found")
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is not JSON
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise EvalInputError(f"{path}:{line}: byte {data[exc.start]:#04x} is not UTF-8") from None
