@@ -1,5 +1,5 @@
 """Adding and pruning experts (TimeExpert eq. 7-8): the decision from hand-made records, the
-cross-rank consistency check (gloo), and the training loop at EP=1 and EP=2 with data on which no
+cross-rank consistency check (gloo), and the training loop at EP=1 and EP=4 with data on which no
 token fires an initial expert (moe/dynamics.py, train/expert_dynamics.py)."""
 
 from __future__ import annotations
@@ -222,6 +222,7 @@ LOOP = (
     "moe.dynamics.tau_min=0.01",
     "training.train_steps=5",
     "training.global_batch_size=4",
+    "training.micro_batch_size=1",
     "logging.log_interval=1",
 )
 
@@ -284,7 +285,7 @@ def loops(tmp_path_factory):
     from tests.dist_runs import tiny_config
 
     out = {}
-    for ep in (1, 2):
+    for ep in (1, 4):
         cfg = tiny_config(tmp_path_factory.mktemp(f"ep{ep}"), 1, 1, ep, *LOOP, recipe="configs/tiny_timeexpert.yaml")
         out[ep] = run_distributed(_run_loop, ep, args=(cfg,), timeout=240)
     return out
@@ -310,21 +311,22 @@ def test_loop_adds_an_expert_that_the_unrouted_tokens_fire_and_prunes_the_idle_o
     assert metrics[4]["moe/router/active_experts/layer1"] == 1.0
 
 
-def test_loop_events_are_the_same_at_ep1_and_ep2(loops):
-    (m1, ev1, snap1, _), (m2, ev2, snap2, _), (_, ev2b, snap2b, _) = loops[1][0], loops[2][0], loops[2][1]
+def test_loop_events_are_the_same_at_ep1_and_ep4(loops):
+    # EP=4: one slot per rank, expert 2 lives on EP rank 2
+    (m1, ev1, snap1, _), (m4, ev4, snap4, _), (_, ev4c, snap4c, _) = loops[1][0], loops[4][0], loops[4][2]
 
     def ids(events):
         return [(layer, step, [e for e, _ in added], pruned) for layer, step, added, pruned in events]
 
-    assert ids(ev1) == ids(ev2) == ids(ev2b)
-    for a, b in zip(ev1, ev2):
+    assert ids(ev1) == ids(ev4) == ids(ev4c)
+    for a, b in zip(ev1, ev4):
         for (_, g1), (_, g2) in zip(a[2], b[2]):
             torch.testing.assert_close(g1, g2, rtol=0, atol=1e-12)  # R_S summed in another order
-    # expert 2 lives on EP rank 1 at EP=2: same fresh FFN weights as at EP=1, and fresh Adam state
+    # same fresh FFN weights for expert 2 as at EP=1, and fresh Adam state
     for layer in (1, 2):
-        torch.testing.assert_close(snap2b[("w1", layer)], snap1[("w1", layer)], rtol=0, atol=0)
-        assert snap2b[("state_zero", layer)] and ("w1", layer) not in snap2
-    assert [m["dynamics/L1/added/e2"] for m in (m1[1], m2[1])] == [2.0, 2.0]
+        torch.testing.assert_close(snap4c[("w1", layer)], snap1[("w1", layer)], rtol=0, atol=0)
+        assert snap4c[("state_zero", layer)] and ("w1", layer) not in snap4
+    assert [m["dynamics/L1/added/e2"] for m in (m1[1], m4[1])] == [2.0, 2.0]
 
 
 def test_router_options_and_dynamics_are_reachable_from_the_yaml():
