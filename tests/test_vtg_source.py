@@ -229,3 +229,14 @@ def test_overflow_error_names_the_sample(root, tok):
         src.microbatches(0)
     with pytest.raises(ValueError, match="VTGSourceConfig.num_frames"):
         make(root, tok, num_frames=0)
+
+
+def test_config_from_yaml_shapes(root, tok):
+    cfg = VTGSourceConfig(root=str(root), annotations={"charades_sta": "charades_sta.txt"}, tasks=["moment_retrieval"])
+    samples = load_samples(cfg, BadInputs())
+    assert samples and all(s.dataset == "charades_sta" for s in samples)
+    cfg.tasks = ["dense_captioning"]  # set after construction, as a YAML loader does
+    with pytest.raises(ValueError, match="no training sample"):
+        VTGSource(cfg, SEQ, tok, 2, 1, 0, 1)
+    with pytest.raises(ValueError, match="VTGSourceConfig.annotations"):
+        VTGSource(VTGSourceConfig(root=str(root), annotations={"nope": "x.txt"}), SEQ, tok, 2, 1, 0, 1)

@@ -133,13 +133,23 @@ class VTGSourceConfig:
     """Seconds an annotation may run past the video before the sample counts as bad (data/dataset.py)."""
 
     def __post_init__(self) -> None:
+        self._normalise()
+
+    def _normalise(self) -> None:
+        """Lists and mappings (as YAML gives them) to the tuples the fields hold."""
         if isinstance(self.annotations, dict):
             self.annotations = tuple(self.annotations.items())
-        self.annotations = tuple((str(r), str(f)) for r, f in self.annotations)
+        try:
+            self.annotations = tuple((str(r), str(f)) for r, f in self.annotations)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"VTGSourceConfig.annotations={self.annotations!r}: must be (reader, file) pairs or {{reader: file}}"
+            ) from None
         self.tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
 
     def validate(self) -> None:
-        """Raise ValueError naming the field at fault."""
+        """Raise ValueError naming the field at fault (fields set after construction are normalised first)."""
+        self._normalise()
 
         def bad(name: str, rule: str) -> None:
             raise ValueError(f"VTGSourceConfig.{name}={getattr(self, name)!r}: {rule}")
