@@ -6,6 +6,8 @@ the held-out split by video, overflow errors."""
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -240,3 +242,38 @@ def test_config_from_yaml_shapes(root, tok):
         VTGSource(cfg, SEQ, tok, 2, 1, 0, 1)
     with pytest.raises(ValueError, match="VTGSourceConfig.annotations"):
         VTGSource(VTGSourceConfig(root=str(root), annotations={"nope": "x.txt"}), SEQ, tok, 2, 1, 0, 1)
+
+
+class HangingDecoder(VideoDecoder):
+    """A fault hook (as tests/test_data_deadline.py): ``read`` of one file blocks until released (at most a
+    minute), like a decoder stuck in C code on a pathological file."""
+
+    def __init__(self, cfg: DecoderConfig, hang_on: str) -> None:
+        super().__init__(cfg)
+        self.hang_on = hang_on
+        self.release = threading.Event()
+
+    def read(self, path, *args, **kwargs):
+        if path == self.hang_on:
+            self.release.wait(timeout=60)
+        return super().read(path, *args, **kwargs)
+
+
+def test_hanging_decode_is_skipped_at_the_deadline(root, tok):
+    cfg = VTGSourceConfig(root=str(root), num_frames=F_, image_size=SIZE, decode_timeout_s=1.0, cache_memory_mb=0)
+    probe_src = VTGSource(cfg, SEQ, tok, 4, 2, 0, 1)
+    first = probe_src.samples[next(probe_src.candidates(0))].video  # the video of the step's first sample
+    probe_src.close()
+    dec = HangingDecoder(DecoderConfig(backend="pyav", sampling=SamplingConfig("uniform", F_), transform=None), first)
+    try:
+        with VTGSource(cfg, SEQ, tok, 4, 2, 0, 1, decoder=dec) as src:
+            video = {s.sample_id: s.video for s in src.samples}
+            t0 = time.monotonic()
+            ids = [i for c in range(0, len(src), 4) for mb in src.microbatches(c) for i in mb["sample_ids"]]
+            elapsed = time.monotonic() - t0
+            m = src.metrics()
+        assert first not in {video[i] for i in ids} and len(ids) == 4 * len(range(0, len(video), 4))
+        assert m["data/decode_timeouts"] == 1 and m["data/bad/decode_timeout"] == 1, m
+        assert elapsed < 15, elapsed  # one deadline of 1 s, not the minute the decode hangs
+    finally:
+        dec.release.set()

@@ -330,7 +330,11 @@ class VTGSource:
         micro_batch_size: int,
         dp_rank: int,
         dp_size: int,
+        *,
+        decoder: VideoDecoder | None = None,
     ) -> None:
+        """``decoder``: a ready ``dali_pipes.VideoDecoder`` to use instead of building one from ``cfg`` (it must
+        return raw frames, ``transform=None``, sampled ``uniform`` with ``num_frames``); for tests and sharing."""
         cfg.validate()
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"VTGSource: dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
@@ -355,9 +359,15 @@ class VTGSource:
                 f"VTGSource: seq_length {seq_length} cannot hold {cfg.num_frames} frames "
                 f"({cfg.num_frames} x {self.seq_cfg.slots_per_frame + 7} positions) plus BOS and EOS"
             )
-        self.decoder = VideoDecoder(
+        self.decoder = decoder or VideoDecoder(
             DecoderConfig(backend=cfg.backend, sampling=SamplingConfig("uniform", cfg.num_frames), transform=None)
         )
+        dc = self.decoder.cfg
+        if dc.transform is not None or dc.sampling.mode != "uniform" or dc.sampling.num_frames != cfg.num_frames:
+            raise ValueError(
+                f"VTGSource: the decoder must return raw frames sampled uniform x {cfg.num_frames}, got transform "
+                f"{dc.transform} and sampling {dc.sampling}"
+            )
         # Probing (cached per video) and the annotation-vs-video check are data/dataset.py's.
         self.dataset = VTGDataset(self.samples, self.decoder, self.bad, time_tolerance=cfg.time_tolerance)
         self.cache = FrameCache(cfg.cache_memory_mb, cfg.cache_dir)
