@@ -32,6 +32,7 @@ SUBTOOLS = {
     "eval": "megatron_timeexpert.eval.cli",
     "tokenizer": "megatron_timeexpert.data.tokenizer",
     "placement-sim": "tools.placement_sim",
+    "predict": "megatron_timeexpert.predict",
 }
 
 

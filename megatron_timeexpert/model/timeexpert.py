@@ -252,10 +252,19 @@ class TimeExpertModel(MegatronModule):
         labels: Tensor | None = None,
         label_types: Tensor | None = None,
         loss_mask: Tensor | None = None,
+        inference_context=None,
     ) -> Tensor:
         """``ids, types, position_ids [b, s]``; ``visual [b, n_vis, h]`` (first stage; None when the
         samples have no VISUAL positions); ``attention_mask`` None = causal; ``labels``,
-        ``label_types``, ``loss_mask [b, s]`` (last stage; see the module docstring)."""
+        ``label_types``, ``loss_mask [b, s]`` (last stage; see the module docstring).
+
+        ``inference_context``: megatron's ``StaticInferenceContext`` (KV cache) for generation, passed
+        to the ``TransformerBlock``. The caller feeds the prompt once (prefill, ``sequence_len_offset``
+        0) and then the new positions, advancing ``sequence_len_offset``; ``position_ids`` are the
+        absolute positions of the fed tokens (the learned position embedding is added here, there is
+        no rotary embedding), so an incremental step passes e.g. ``[[L + k]]``. A step of one position
+        cannot be split along the sequence: with sequence parallelism (TP > 1) use full recomputation
+        (predict/generation.py does)."""
         from megatron.core import tensor_parallel
 
         decoder_input = self.embedding(ids, types, position_ids, visual) if self.pre_process else None
@@ -263,7 +272,17 @@ class TimeExpertModel(MegatronModule):
         if padding_mask is not None and self.config.sequence_parallel:
             # Our MoE layer accepts [b, S] or this rank's [b, S / tp]; give it the chunk, as GPTModel does.
             padding_mask = tensor_parallel.scatter_to_sequence_parallel_region(types.t().contiguous()).t().contiguous()
-        hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask, padding_mask=padding_mask)
+        if inference_context is not None and self.config.sequence_parallel:
+            raise ValueError(
+                "TimeExpertModel.forward: a KV cache (inference_context) needs sequence_parallel off "
+                "(an incremental step of one position cannot be split over the TP group)"
+            )
+        hidden = self.decoder(
+            hidden_states=decoder_input,
+            attention_mask=attention_mask,
+            padding_mask=padding_mask,
+            inference_context=inference_context,
+        )
         if not self.post_process:
             return hidden
         if labels is None:
