@@ -395,16 +395,6 @@ class Config:
             "only with training.distributed_optimizer=true: megatron-core 0.16.1's non-distributed bf16 "
             "optimizer cannot checkpoint the routers' fp32 parameters",
         )
-        for name, section in (("dynamics", self.moe.dynamics), ("placement", self.moe.placement)):
-            _check(
-                not (section.enabled and t.distributed_optimizer),
-                f"moe.{name}",
-                "enabled",
-                section.enabled,
-                "moving experts and fresh per-slot optimizer state are not implemented for "
-                "training.distributed_optimizer=true yet (its state lives in flat data-parallel shards); "
-                "use the plain optimizer",
-            )
         if world_size is not None:
             try:
                 self.parallel.validate(

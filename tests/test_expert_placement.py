@@ -65,7 +65,6 @@ def test_rebalance_config_from_yaml_and_its_errors():
         ("moe.placement.check_interval=0", "moe.placement.check_interval"),
         ("moe.placement.tolerance=-0.1", "moe.placement.tolerance"),
         ("moe.router=megatron", "moe.dynamics.enabled"),
-        ("training.distributed_optimizer=true", "moe.dynamics.enabled"),
     ]:
         with pytest.raises(ConfigError, match=name):
             load_config(RECIPE, [override]).validate()

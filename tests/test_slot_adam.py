@@ -202,7 +202,7 @@ def _record_fresh_expert(out_dir: str, trainer) -> None:
                 seen[f"{layer.layer_number}.slot_step_base"] = int(layer.experts.slot_step_base[slot])
             seen[f"{layer.layer_number}.row_step_base"] = int(layer.router.row_step_base[E])
             for name, (p, row) in tensors.items():
-                inner, main = _owner(trainer.optimizer, p)
+                inner, main, _ = _owner(trainer.optimizer, p)
                 group = next(g for g in inner.param_groups if any(q is main for q in g["params"]))
                 key = f"{layer.layer_number}.{name}"
                 seen[f"{key}.value{step}"] = main.detach()[row].clone()  # bf16: the fp32 main copy

@@ -14,15 +14,26 @@ megatron's gradient buffers are not moved: migration runs between optimizer step
 they are zeroed before the next backward.
 
 Supported: megatron's plain optimizers (fp32 ``FP32Optimizer``, bf16 ``Float16OptimizerWithFloat16Params``,
-inside a ``ChainedOptimizer`` or not). The distributed optimizer keeps slot state in flat shards of
-its buffers; moving those is not implemented yet and raises ``NotImplementedError`` naming it.
+inside a ``ChainedOptimizer`` or not) and its distributed optimizer (``training.distributed_optimizer``).
+The distributed optimizer keeps each expert weight's fp32 main copy (bf16; under fp32 the main copy
+IS the model weight, a view of it, and moves with it) and Adam moments as flat shards, one
+contiguous element range of the weight per expert-data-parallel rank; a shard's range cuts across
+slots. :func:`install_placement` therefore gathers each such state tensor to its full ``[slots, ...]``
+shape (one ``all_reduce`` of the zero-padded shards over the expert-data-parallel group per tensor),
+moves its rows with the weights, and every rank takes its range back. That costs the gather on top
+of the exchange; a range-aware exchange could move only the rows' pieces (not done).
 
-Communication: one ``all_to_all_single`` over the layer's EP group per call (parallel/migration.py).
+Communication: one ``all_to_all_single`` over the layer's EP group per call (parallel/migration.py);
+with the distributed optimizer also one ``all_reduce`` per sharded state tensor over the
+expert-data-parallel group.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.distributed as dist
 
 from parallel.migration import MigrationStats, migrate_slots
 
@@ -31,13 +42,12 @@ def _sub_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
 
 
+def is_distributed(sub) -> bool:
+    return type(sub).__name__ == "DistributedOptimizer"
+
+
 def _main_param(sub, param: torch.Tensor) -> torch.Tensor:
-    """The tensor ``sub``'s inner torch optimizer updates for model parameter ``param``."""
-    if type(sub).__name__ == "DistributedOptimizer":
-        raise NotImplementedError(
-            "moving experts under training.distributed_optimizer=true is not implemented yet: its slot "
-            "state lives in flat shards of the optimizer's buffers"
-        )
+    """The tensor plain optimizer ``sub``'s inner torch optimizer updates for model parameter ``param``."""
     for model_group, main_group in zip(
         getattr(sub, "float16_groups", []), getattr(sub, "fp32_from_float16_groups", [])
     ):
@@ -45,6 +55,65 @@ def _main_param(sub, param: torch.Tensor) -> torch.Tensor:
             if model_p is param:
                 return main_p
     return param
+
+
+@dataclass
+class ShardedSlotState:
+    """One slot-keyed state tensor of the distributed optimizer for one model parameter, on this rank."""
+
+    kind: str
+    """``exp_avg``, ``exp_avg_sq`` or ``param`` (the fp32 main copy of a bf16 weight)."""
+    shard: torch.Tensor | None
+    """This rank's flat shard (None: this rank holds no element of the parameter)."""
+    start: int
+    end: int
+    """The shard's element range in the flattened parameter."""
+    group: dist.ProcessGroup
+    """The distributed optimizer's (expert-)data-parallel group."""
+    numel: int
+    """Elements of the whole parameter."""
+    device: torch.device
+
+
+def distributed_part(optimizer, param: torch.Tensor):
+    """The DistributedOptimizer part of megatron's ``optimizer`` whose buffers hold ``param``, or None."""
+    for sub in _sub_optimizers(optimizer):
+        # model_param_gbuf_map holds only the parameters with a shard on this rank; the buffers hold all.
+        if is_distributed(sub) and any(param in buf.param_index_map for buf in sub.buffers):
+            return sub
+    return None
+
+
+def shard_of(sub, param: torch.Tensor) -> tuple[dict[str, torch.Tensor], int, int] | None:
+    """``({kind: flat shard}, start, end)`` of ``param`` in DistributedOptimizer ``sub`` on this rank
+    (kinds: ``param`` = the main copy, plus the Adam state that exists), or None without a shard."""
+    if param not in sub.model_param_group_index_map:
+        return None
+    rng = sub._get_model_param_range_map(param)["param"]
+    tensors = sub._get_main_param_and_optimizer_states(param)
+    flat = {k: v for k, v in tensors.items() if torch.is_tensor(v) and v.numel() == rng.end - rng.start}
+    return flat, int(rng.start), int(rng.end)
+
+
+def sharded_slot_states(layer, optimizer) -> list[ShardedSlotState]:
+    """The distributed optimizer's state keyed to ``layer``'s slots, in the same order on every rank
+    (empty under the plain optimizers). No communication."""
+    out: list[ShardedSlotState] = []
+    for param in layer.experts.parameters():
+        sub = distributed_part(optimizer, param)
+        if sub is None:
+            continue
+        found = shard_of(sub, param)
+        flat, start, end = found if found is not None else ({}, 0, 0)
+        kinds = ["exp_avg", "exp_avg_sq"]
+        if param.dtype != torch.float32:
+            kinds.append("param")  # bf16: a separate fp32 main copy (fp32: a view of the weight itself)
+        for kind in kinds:
+            state = ShardedSlotState(
+                kind, flat.get(kind), start, end, sub.data_parallel_group, param.numel(), param.device
+            )
+            out.append(state)
+    return out
 
 
 def slot_tensors(layer, optimizer) -> list[torch.Tensor]:
@@ -57,6 +126,8 @@ def slot_tensors(layer, optimizer) -> list[torch.Tensor]:
             inner = getattr(sub, "optimizer", None)
             if inner is None:
                 continue
+            if is_distributed(sub):
+                continue  # flat shards: see sharded_slot_states / install_placement
             main = _main_param(sub, param)
             owned = any(main is p for group in inner.param_groups for p in group["params"])
             if not owned:
@@ -71,20 +142,39 @@ def slot_tensors(layer, optimizer) -> list[torch.Tensor]:
 
 
 def slot_row_bytes(layer, optimizer) -> int:
-    """Bytes that move with one expert of ``layer``: one slot row of every slot-keyed tensor."""
-    return sum(t[0].numel() * t.element_size() for t in slot_tensors(layer, optimizer))
+    """Bytes that move with one expert of ``layer``: one slot row of every slot-keyed tensor (with
+    the distributed optimizer, its gathered fp32 state tensors count whole rows too)."""
+    spr = layer.placement.slots_per_rank
+    local = sum(t[0].numel() * t.element_size() for t in slot_tensors(layer, optimizer))
+    return local + sum(4 * st.numel // spr for st in sharded_slot_states(layer, optimizer))
+
+
+def gather_full(st: ShardedSlotState) -> torch.Tensor:
+    """The whole flat fp32 tensor of a sharded state on every rank of its group: each rank writes its
+    range into zeros, one ``all_reduce(SUM)`` (the ranges partition the parameter)."""
+    full = torch.zeros(st.numel, dtype=torch.float32, device=st.device)
+    if st.shard is not None:
+        full[st.start : st.end].copy_(st.shard.reshape(-1))
+    if dist.is_initialized() and dist.get_world_size(st.group) > 1:
+        dist.all_reduce(full, group=st.group)
+    return full
 
 
 def install_placement(layer, optimizer, new_map: torch.Tensor) -> MigrationStats:
     """Move ``layer``'s experts (weights and optimizer state) to ``new_map`` and install it.
 
-    Collective over the layer's EP group; every rank of the stage must call it with the same map."""
-    stats = migrate_slots(
-        layer.placement.logical_to_physical,
-        new_map,
-        slot_tensors(layer, optimizer),
-        layer.placement.slots_per_rank,
-        layer.ep_group,
-    )
+    Collective over the layer's EP group (and, with the distributed optimizer, its
+    expert-data-parallel group); every rank of the stage must call it with the same map."""
+    spr = layer.placement.slots_per_rank
+    tensors = slot_tensors(layer, optimizer)
+    gathered = []
+    for st in sharded_slot_states(layer, optimizer):
+        gathered.append((st, gather_full(st)))
+    tensors += [full.view(spr, -1) for _, full in gathered]
+    stats = migrate_slots(layer.placement.logical_to_physical, new_map, tensors, spr, layer.ep_group)
+    with torch.no_grad():
+        for st, full in gathered:
+            if st.shard is not None:
+                st.shard.view(-1).copy_(full[st.start : st.end])
     layer.placement.set_map(new_map)
     return stats

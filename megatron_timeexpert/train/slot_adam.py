@@ -45,9 +45,11 @@ for bf16 the fp32 main copy is the tensor corrected, before megatron copies it t
 - A base ``>= t`` means the optimizer state is younger than the row's record (a fine-tune that
   loads weights but starts a fresh optimizer): the whole parameter is fresh, so the base is 0.
 
-Not supported: megatron's distributed optimizer (its state is flat shards of grad buffers;
-:func:`install_slot_adam` skips it and the ``fresh_*`` functions raise ``NotImplementedError``),
-amsgrad and maximize (refused). Apex / transformer-engine FusedAdam keep ``exp_avg`` /
+The distributed optimizer: its inner torch optimizer updates flat shards (one contiguous element
+range of each parameter per data-parallel rank, cutting across rows); the same correction runs on
+the part of each young row a shard holds, and a rank without a shard of a parameter still keeps
+the row bases in step (the same resets at the same steps), so every rank holds the same bases.
+Not supported: amsgrad and maximize (refused). Apex / transformer-engine FusedAdam keep ``exp_avg`` /
 ``exp_avg_sq`` the same way and are handled by the same formula (their ``step`` in the group,
 ``adam_w_mode`` for decoupled decay), to their kernels' rounding; not tested here (no GPU).
 
@@ -59,7 +61,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_timeexpert.train.expert_moves import _main_param, _sub_optimizers
+from megatron_timeexpert.train.expert_moves import _main_param, _sub_optimizers, distributed_part, shard_of
 
 _ATTR = "_timeexpert_row_step_adam"  # the RowStepAdam of an inner torch optimizer
 
@@ -111,12 +113,20 @@ class RowStepAdam:
     """The per-row step correction on one inner torch optimizer (module docstring).
 
     ``track(param, base)``: ``param`` is a tensor ``opt`` updates (``[rows, ...]``), ``base`` its
-    ``[rows]`` int64 per-row step bases. Built once per optimizer by :meth:`of`.
+    ``[rows]`` int64 per-row step bases. ``track(shard, base, flat=(start, end, row_len))``: ``shard``
+    is the distributed optimizer's flat shard holding elements ``[start, end)`` of a flattened
+    ``[rows, ...]`` parameter whose rows have ``row_len`` elements (a shard cuts across rows).
+    ``track_base(base)``: a base whose parameters have no shard on this rank; it is kept in step
+    with the other ranks (the same resets at the same steps) without any row to correct.
+    Built once per optimizer by :meth:`of`.
     """
 
     def __init__(self, opt: torch.optim.Optimizer):
         self.opt = opt
-        self.bases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(param) -> (param, base)
+        # id(param) -> (param, base, start, end, row_len): rows r cover elements [r*row_len, (r+1)*row_len)
+        # of the flattened parameter, of which param holds [start, end).
+        self.bases: dict[int, tuple[torch.Tensor, torch.Tensor, int, int, int]] = {}
+        self.base_only: list[torch.Tensor] = []
         self._pending: list[tuple] = []
         opt.register_step_pre_hook(self._pre)
         opt.register_step_post_hook(self._post)
@@ -130,13 +140,23 @@ class RowStepAdam:
             setattr(opt, _ATTR, found)
         return found
 
-    def track(self, param: torch.Tensor, base: torch.Tensor) -> None:
-        if base.dim() != 1 or base.shape[0] != param.shape[0]:
-            raise ValueError(f"base of shape {tuple(base.shape)} does not match rows of {tuple(param.shape)}")
+    def track(self, param: torch.Tensor, base: torch.Tensor, flat: tuple[int, int, int] | None = None) -> None:
+        if flat is None:
+            if base.dim() != 1 or base.shape[0] != param.shape[0]:
+                raise ValueError(f"base of shape {tuple(base.shape)} does not match rows of {tuple(param.shape)}")
+            start, end, row_len = 0, param.numel(), param.numel() // max(param.shape[0], 1)
+        else:
+            start, end, row_len = (int(x) for x in flat)
+            if param.numel() != end - start or row_len < 1 or end > base.shape[0] * row_len:
+                raise ValueError(f"shard of {param.numel()} elements does not fit range {flat} of {base.shape[0]} rows")
         group = self._group(param)
         if group.get("amsgrad") or group.get("maximize"):
             raise NotImplementedError("per-row Adam steps support plain Adam/AdamW (no amsgrad, no maximize)")
-        self.bases[id(param)] = (param, base)
+        self.bases[id(param)] = (param, base, start, end, row_len)
+
+    def track_base(self, base: torch.Tensor) -> None:
+        if not any(b is base for b in self.base_only):
+            self.base_only.append(base)
 
     def _group(self, param: torch.Tensor) -> dict:
         for group in self.opt.param_groups:
@@ -148,46 +168,81 @@ class RowStepAdam:
         """Steps ``param`` has taken so far."""
         return _step_count(self.opt, self._group(param), param)
 
+    def global_step(self) -> int:
+        """Steps this optimizer has taken (every parameter steps together in megatron's optimizers)."""
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                if p in self.opt.state:
+                    return _step_count(self.opt, group, p)
+        return 0
+
+    @staticmethod
+    @torch.no_grad()
+    def _maintain(base: torch.Tensor, t: int, betas) -> dict[int, list[int]]:
+        """Reset bases that no longer need a correction; the young rows by age for step ``t``."""
+        base[base >= t] = 0  # optimizer younger than the record: the whole param is fresh
+        ages: dict[int, list[int]] = {}
+        for r in base.nonzero().flatten().tolist():
+            age = t - int(base[r])
+            if _same_correction(age, t, betas):
+                base[r] = 0  # the correction is the identity from now on
+            else:
+                ages.setdefault(age, []).append(r)
+        return ages
+
+    @staticmethod
+    def _local_range(row: int, start: int, end: int, row_len: int) -> tuple[int, int] | None:
+        lo, hi = max(row * row_len, start), min((row + 1) * row_len, end)
+        return (lo - start, hi - start) if lo < hi else None
+
     def _pre(self, opt, args, kwargs) -> None:
         self._pending = []
+        if self.base_only and opt.param_groups:
+            t_all = self.global_step() + 1
+            for base in self.base_only:
+                self._maintain(base, t_all, opt.param_groups[0]["betas"])
         for group in opt.param_groups:
             for p in group["params"]:
                 tracked = self.bases.get(id(p))
                 if tracked is None or tracked[0] is not p or p.grad is None:
                     continue
-                base = tracked[1]
+                _, base, start, end, row_len = tracked
                 t = _step_count(opt, group, p) + 1  # the step about to be taken
-                with torch.no_grad():
-                    base[base >= t] = 0  # optimizer younger than the record: the whole param is fresh
-                    rows = base.nonzero().flatten().tolist()
-                    ages: dict[int, list[int]] = {}
-                    for r in rows:
-                        age = t - int(base[r])
-                        if _same_correction(age, t, group["betas"]):
-                            base[r] = 0  # the correction is the identity from now on
-                        else:
-                            ages.setdefault(age, []).append(r)
-                for age, idx in ages.items():
-                    index = torch.tensor(idx, device=p.device)
-                    self._pending.append((p, group, age, index, p.detach().index_select(0, index)))
+                for age, rows in self._maintain(base, t, group["betas"]).items():
+                    ranges = [r for r in (self._local_range(row, start, end, row_len) for row in rows) if r]
+                    if ranges:
+                        flat = p.detach().view(-1)
+                        self._pending.append((p, group, age, ranges, [flat[lo:hi].clone() for lo, hi in ranges]))
 
     def _post(self, opt, args, kwargs) -> None:
         pending, self._pending = self._pending, []
-        for p, group, age, index, p_old in pending:
+        for p, group, age, ranges, olds in pending:
             state = opt.state[p]
-            new = adam_rows(
-                p_old,
-                state["exp_avg"].index_select(0, index),
-                state["exp_avg_sq"].index_select(0, index),
-                age,
-                group["lr"],
-                group["betas"],
-                group["eps"],
-                group["weight_decay"],
-                _decoupled(opt, group),
-            )
-            with torch.no_grad():
-                p.index_copy_(0, index, new.to(p.dtype))
+            m, v, flat = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1), p.view(-1)
+            for (lo, hi), p_old in zip(ranges, olds):
+                new = adam_rows(
+                    p_old,
+                    m[lo:hi],
+                    v[lo:hi],
+                    age,
+                    group["lr"],
+                    group["betas"],
+                    group["eps"],
+                    group["weight_decay"],
+                    _decoupled(opt, group),
+                )
+                with torch.no_grad():
+                    flat[lo:hi].copy_(new.to(p.dtype))
+
+    def row_range(self, param: torch.Tensor, row: int) -> tuple[int, int, int] | None:
+        """``(lo, hi, global_lo)``: the elements of row ``row`` that tracked ``param`` holds, as a
+        range of its flat view, and where that range starts in the flattened full parameter."""
+        tracked = self.bases.get(id(param))
+        if tracked is None or tracked[0] is not param:
+            raise ValueError("parameter is not tracked: call track(param, base) first")
+        _, _, start, end, row_len = tracked
+        local = self._local_range(row, start, end, row_len)
+        return None if local is None else (local[0], local[1], local[0] + start)
 
     @torch.no_grad()
     def fresh_row(self, param: torch.Tensor, row: int) -> None:
@@ -199,25 +254,35 @@ class RowStepAdam:
 
     @torch.no_grad()
     def reset_row(self, param: torch.Tensor, row: int) -> int:
-        """Zero ``param``'s row ``row`` in every optimizer-state tensor with a row axis; return the
-        parameter's current step count (the new base of the row)."""
-        rows = param.shape[0]
-        for value in self.opt.state.get(param, {}).values():
-            if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == rows:
-                value[row].zero_()
+        """Zero ``param``'s row ``row`` (the part of it this tensor holds) in every optimizer-state
+        tensor shaped like it; return the parameter's current step count (the row's new base)."""
+        rng = self.row_range(param, row)
+        if rng is not None:
+            for value in self.opt.state.get(param, {}).values():
+                if torch.is_tensor(value) and value.numel() == param.numel() and value.dim() >= 1:
+                    value.view(-1)[rng[0] : rng[1]].zero_()
         return self.step_of(param)
 
 
-def _owner(optimizer, param: torch.Tensor) -> tuple[torch.optim.Optimizer, torch.Tensor] | None:
-    """The inner torch optimizer of megatron's ``optimizer`` that updates ``param``, and the tensor
-    it updates (``param`` or its fp32 main copy); None when no part of ``optimizer`` holds it."""
+def _owner(optimizer, param: torch.Tensor):
+    """``(inner torch optimizer, the tensor it updates for param, flat range or None)`` for megatron's
+    ``optimizer``: the tensor is ``param``, its fp32 main copy, or (distributed optimizer) this rank's
+    flat shard with ``(start, end, row_len)``, or None when this rank holds no shard of it. None when
+    no part of ``optimizer`` holds ``param``."""
+    sub = distributed_part(optimizer, param)
+    if sub is not None:
+        found = shard_of(sub, param)
+        if found is None:
+            return sub.optimizer, None, None
+        flat, start, end = found
+        return sub.optimizer, flat["param"], (start, end, param.numel() // max(param.shape[0], 1))
     for sub in _sub_optimizers(optimizer):
         inner = getattr(sub, "optimizer", None)
         if inner is None:
             continue
-        main = _main_param(sub, param)  # raises NotImplementedError for the distributed optimizer
+        main = _main_param(sub, param)
         if any(main is p for group in inner.param_groups for p in group["params"]):
-            return inner, main
+            return inner, main, None
     return None
 
 
@@ -229,8 +294,9 @@ def _row_params(module) -> tuple[list[torch.Tensor], torch.Tensor]:
     return params, module.row_step_base
 
 
-def _track(module, optimizer) -> list[tuple[RowStepAdam, torch.Tensor, torch.Tensor]]:
-    """Track ``module``'s row-sliced params on their optimizers; (correction, model param, main param)."""
+def _track(module, optimizer) -> list[tuple[RowStepAdam, torch.Tensor, torch.Tensor | None]]:
+    """Track ``module``'s row-sliced params on their optimizers; (correction, model param, the
+    tensor the optimizer updates or None without a shard on this rank)."""
     params, base = _row_params(module)
     out = []
     for p in params:
@@ -238,21 +304,17 @@ def _track(module, optimizer) -> list[tuple[RowStepAdam, torch.Tensor, torch.Ten
         if owner is None:
             raise ValueError(f"a parameter of shape {tuple(p.shape)} is in no part of the optimizer")
         corr = RowStepAdam.of(owner[0])
-        corr.track(owner[1], base)
+        if owner[1] is None:
+            corr.track_base(base)
+        else:
+            corr.track(owner[1], base, owner[2])
         out.append((corr, p, owner[1]))
     return out
 
 
-def _uses_distributed_optimizer(optimizer) -> bool:
-    return any(type(sub).__name__ == "DistributedOptimizer" for sub in _sub_optimizers(optimizer))
-
-
 def install_slot_adam(models, optimizer) -> int:
     """Track every MoE layer's expert slots and router rows of ``models`` on ``optimizer`` (megatron's,
-    as built by the trainer). Idempotent; returns the number of row-sliced parameters tracked.
-    Skipped (0) under the distributed optimizer, whose resets are not supported."""
-    if _uses_distributed_optimizer(optimizer):
-        return 0
+    as built by the trainer). Idempotent; returns the number of row-sliced parameters tracked."""
     n = 0
     for model in models:
         for m in model.modules():
@@ -267,8 +329,14 @@ def _fresh_rows(module, optimizer, row: int) -> None:
     _, base = _row_params(module)
     steps = set()
     for corr, p, main in tracked:
-        if main is not p:
-            main[row].copy_(p[row])  # bf16: the fp32 main copy starts from the new weights
+        if main is None:  # distributed optimizer, no shard of p here: only the step count
+            steps.add(corr.global_step())
+            continue
+        if main is not p:  # bf16: the fp32 main copy starts from the new weights
+            rng = corr.row_range(main, row)
+            if rng is not None:
+                lo, hi, global_lo = rng
+                main.view(-1)[lo:hi].copy_(p.detach().reshape(-1)[global_lo : global_lo + hi - lo])
         steps.add(corr.reset_row(main, row))
     if len(steps) != 1:
         raise RuntimeError(f"parameters sharing a per-row step base have different step counts {sorted(steps)}")
