@@ -50,16 +50,27 @@ def _check(old_map: torch.Tensor, new_map: torch.Tensor, num_slots: int) -> None
             raise ValueError(f"{name} must be a permutation of 0..{num_slots - 1}, got {m.tolist()}")
 
 
-def _pack(slot_tensors: list[torch.Tensor], slots: int) -> tuple[torch.Tensor, list[int]]:
-    """``[slots, bytes]`` uint8: each slot's rows of all tensors, side by side (a copy)."""
-    rows, widths = [], []
+def _row_widths(slot_tensors: list[torch.Tensor], slots: int) -> list[int]:
+    """Bytes of one slot's row of each tensor."""
+    widths = []
     for t in slot_tensors:
         if t.shape[0] != slots:
             raise ValueError(f"slot tensor of shape {tuple(t.shape)} does not have {slots} slots on dim 0")
-        b = t.detach().contiguous().reshape(slots, -1).view(torch.uint8).reshape(slots, -1)
-        rows.append(b.cpu() if b.device.type != "cpu" else b)
-        widths.append(b.shape[1])
-    return torch.cat(rows, dim=1).clone(), widths
+        widths.append(t[0].numel() * t.element_size())
+    return widths
+
+
+def _pack(slot_tensors: list[torch.Tensor], slots: int, rows: list[int]) -> torch.Tensor:
+    """``[len(rows), bytes]`` uint8 on the CPU: the given local slots' rows of all tensors, side by
+    side (a copy of only the slots that move)."""
+    if not rows:
+        return torch.zeros(0, sum(_row_widths(slot_tensors, slots)), dtype=torch.uint8)
+    parts = []
+    for t in slot_tensors:
+        picked = t.detach()[torch.tensor(rows, device=t.device)].contiguous()
+        b = picked.reshape(len(rows), -1).view(torch.uint8).reshape(len(rows), -1)
+        parts.append(b.cpu() if b.device.type != "cpu" else b)
+    return torch.cat(parts, dim=1)
 
 
 def _unpack_into(slot_tensors: list[torch.Tensor], slot: int, row: torch.Tensor, widths: list[int]) -> None:
@@ -84,8 +95,8 @@ def migrate_slots(
     num_slots = ep_size * slots_per_rank
     old_map, new_map = old_map.cpu().long(), new_map.cpu().long()
     _check(old_map, new_map, num_slots)
-    packed, widths = _pack(slot_tensors, slots_per_rank)
-    row_bytes = packed.shape[1]
+    widths = _row_widths(slot_tensors, slots_per_rank)
+    row_bytes = sum(widths)
     sends: list[list[int]] = [[] for _ in range(ep_size)]  # local source slots, per destination rank
     recvs: list[list[int]] = [[] for _ in range(ep_size)]  # local destination slots, per source rank
     local: list[tuple[int, int]] = []
@@ -105,7 +116,10 @@ def migrate_slots(
         elif dst_rank == me:
             recvs[src_rank].append(dst_slot)
     send_rows = [s for per_rank in sends for s in per_rank]
-    send_buf = packed[send_rows].reshape(-1) if send_rows else packed.new_zeros(0)
+    # One copy of every row that leaves its slot (sent or moved locally), taken before any row is
+    # overwritten; rows that stay are never copied.
+    packed = _pack(slot_tensors, slots_per_rank, send_rows + [s for s, _ in local])
+    send_buf = packed[: len(send_rows)].reshape(-1)
     recv_counts = [len(r) * row_bytes for r in recvs]
     recv_buf = packed.new_empty(sum(recv_counts))
     if ep_size > 1:
@@ -119,8 +133,8 @@ def migrate_slots(
     received = recv_buf.reshape(-1, row_bytes) if row_bytes else recv_buf.reshape(0, 0)
     for i, dst_slot in enumerate(s for per_rank in recvs for s in per_rank):
         _unpack_into(slot_tensors, dst_slot, received[i], widths)
-    for src_slot, dst_slot in local:
-        _unpack_into(slot_tensors, dst_slot, packed[src_slot], widths)
+    for i, (_, dst_slot) in enumerate(local):
+        _unpack_into(slot_tensors, dst_slot, packed[len(send_rows) + i], widths)
     return MigrationStats(
         moved_experts=moved,
         remote_experts=remote,
