@@ -253,8 +253,10 @@ def write_annotations(cfg: GeneratorConfig, specs: list[VideoSpec]) -> dict[str,
         for s in specs:
             for ev in s.events:
                 w0 = 2 * math.floor(ev.start / 2)
-                w1 = min(2 * math.ceil(ev.end / 2), 2 * math.ceil(s.duration / 2))
-                clips = list(range(w0 // 2, w1 // 2))
+                # Whole 2 s clips, but never past the video's end (a last, shorter clip at an odd
+                # duration), as in QVHighlights where windows end at most at the duration.
+                w1 = min(2 * math.ceil(ev.end / 2), s.duration)
+                clips = list(range(w0 // 2, math.ceil(w1 / 2)))
                 line = {
                     "qid": qid,
                     "query": ev.caption,
