@@ -272,7 +272,7 @@ model:
   vision: {{image_size: 32, hidden_size: 32, intermediate_size: 64, out_hidden: 32}}
 moe: {{router: timeexpert, num_experts: 4}}
 parallel: {{tp: 1, pp: 1, ep: 1}}
-data: {{kind: synthetic_vtg, root: {root}, tokenizer: {tok}, num_frames: 2, frame_size: 32}}
+data: {{kind: synthetic_vtg, root: {root}, tokenizer: {tok}, num_frames: 2, image_size: 32}}
 training: {{micro_batch_size: 1, global_batch_size: 1}}
 """
 
@@ -437,3 +437,21 @@ def test_predict_command_writes_every_query_in_the_public_formats(single, synthe
     assert [len(p.saliency) for p in got] == [num_clips(x["duration"]) for x in qv]
     got = io.read_dense_predictions(out / "dvc.json")
     assert sorted(got) == sorted(dvc)
+
+
+def test_predictions_match_every_ground_truth_query_in_timeexpert_eval(single, synthetic):
+    import contextlib
+    import io
+
+    from megatron_timeexpert.eval.cli import main as eval_main
+
+    root, _ = synthetic
+    gt = {"charades": "charades_sta.txt", "qvhighlights": "qvhighlights.jsonl", "dvc": "youcook2.json"}
+    for task, name in gt.items():
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = eval_main(
+                ["--task", task, "--pred", str(root / "out" / f"{task}.json"), "--gt", str(root / "annotations" / name)]
+            )
+        text = buf.getvalue()
+        assert rc == 0 and "num_missing_predictions 0" in text and "num_unmatched_predictions 0" in text, text

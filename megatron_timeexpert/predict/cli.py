@@ -9,7 +9,8 @@
 ``annotations/charades_sta.txt``, ``qvhighlights.jsonl``, ``youcook2.json``); ``--annotations`` and
 ``--video-root`` point elsewhere. The checkpoint (a ``save_dir``: its newest complete checkpoint,
 or one ``iter_N`` folder) may come from any (TP, PP, EP) layout: it is loaded resharded into this
-run's layout, which is PP = 1 (generation needs the whole decoder on a rank). Every rank decodes the
+run's layout: PP = 1 (generation needs the whole decoder on a rank), and TP = EP = 1 in one process
+(under torchrun the recipe's TP/EP or ``parallel.*`` overrides). Every rank decodes the
 same samples and generates the same batches (chosen ids come from rank 0); rank 0 writes.
 
 Output (eval/io.py writers): ``charades`` -> moment jsonl ``{vid, query, pred_windows}``;
@@ -178,6 +179,8 @@ def run_predict(args, cfg) -> int:
     from megatron_timeexpert.train.checkpoint import load_checkpoint
 
     rank = dist.get_rank()
+    if getattr(cfg.model, "kind", "timeexpert") != "timeexpert":
+        raise ValueError(f"{args.config}: model.kind is {cfg.model.kind!r}; predict needs a 'timeexpert' model")
     tok = _tokenizer(args, cfg)
     chunks, vision, lm = build_predict_model(cfg)
     ckpt = resolve_checkpoint(args.checkpoint)
@@ -196,7 +199,8 @@ def run_predict(args, cfg) -> int:
     decoder = VideoDecoder(DecoderConfig(sampling=sampling, transform=None))
     dataset = VTGDataset(samples, decoder, bad)
     device = next(lm.parameters()).device
-    frame_size = int(getattr(cfg.data, "frame_size", 0) or 0)
+    # The training source resizes frames to data.image_size (uint8) before the tower; so does predict.
+    frame_size = int(getattr(cfg.data, "image_size", 0) or 0)
     quiet = rank != 0 or args.no_progress
     bar = tqdm(total=len(samples), desc="decode", unit="video", disable=quiet, file=sys.stderr)
     queries: list[Query] = []
@@ -250,20 +254,23 @@ def run_predict(args, cfg) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from megatron_timeexpert.config import ConfigError, load_config
-
-    overrides = [*args.overrides, "parallel.pp=1", "parallel.vpp=null"]
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"timeexpert predict: configuration error: {e}", file=sys.stderr)
-        return 2
     import torch.distributed as dist
 
+    from megatron_timeexpert.config import ConfigError, load_config
     from parallel.cpu_compat import apply_cpu_shims
     from parallel.env import discover, init_distributed
 
     dist_env = discover()
+    # The recipe's layout is the training one; predict runs at PP = 1, and one process means TP = EP = 1
+    # (overrides given on the command line come last and win).
+    layout = ["parallel.pp=1", "parallel.vpp=null"]
+    if dist_env.world_size == 1:
+        layout += ["parallel.tp=1", "parallel.ep=1", "parallel.etp=1"]
+    try:
+        cfg = load_config(args.config, [*layout, *args.overrides])
+    except ConfigError as e:
+        print(f"timeexpert predict: configuration error: {e}", file=sys.stderr)
+        return 2
     init_distributed(dist_env, timeout_s=cfg.parallel.collective_timeout_s)
     try:
         cfg.validate(dist_env.world_size)
