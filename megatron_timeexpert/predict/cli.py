@@ -153,6 +153,20 @@ def _qid(sample_id: str) -> str:
     return parts[-2] if len(parts) >= 4 else sample_id
 
 
+def _agree_on_decoded(decoded: list) -> list:
+    """Under several ranks, a sample counts as decoded only if it decoded on EVERY rank (a decode
+    deadline may pass on one rank only), so that all ranks generate the same batches."""
+    import torch.distributed as dist
+
+    if dist.get_world_size() == 1 or not decoded:
+        return decoded
+    from parallel.env import collective_device
+
+    ok = torch.tensor([fs is not None for fs in decoded], dtype=torch.int32, device=collective_device())
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return [fs if bool(k) else None for fs, k in zip(decoded, ok.tolist())]
+
+
 def run_predict(args, cfg) -> int:
     """Everything after the process groups exist (collective: every rank calls it)."""
     import torch.distributed as dist
@@ -202,38 +216,45 @@ def run_predict(args, cfg) -> int:
     # The training source resizes frames to data.image_size (uint8) before the tower; so does predict.
     frame_size = int(getattr(cfg.data, "image_size", 0) or 0)
     quiet = rank != 0 or args.no_progress
-    bar = tqdm(total=len(samples), desc="decode", unit="video", disable=quiet, file=sys.stderr)
+    bar = tqdm(total=len(samples), desc="predict", unit="sample", disable=quiet, file=sys.stderr)
     queries: list[Query] = []
-    prompts: list[Prompt] = []
-    where: list[tuple[int, str]] = []  # prompt -> (query index, "mr" | "hd")
-    with torch.no_grad():
-        for i in range(len(dataset)):
-            s = samples[i]
-            fs = dataset.get(i)
-            q = Query(Path(s.video).stem, s.query, _qid(s.sample_id) if args.task == "qvhighlights" else None)
-            queries.append(q)
-            if fs is None:
-                q.mr = Outcome(s.sample_id, None, (), BAD_VIDEO)
-                q.hd = Outcome(s.sample_id, None, (), BAD_VIDEO) if args.task == "qvhighlights" else None
-                continue
-            q.duration = float(s.duration if s.duration is not None else fs.duration)
-            frames = resize_frames(fs.frames, frame_size) if frame_size else fs.frames  # as the training source
-            visual = vision(frames.to(device)).flatten(0, 1)  # [N * 8, h]
-            kinds = [("mr", s)]
-            if args.task == "qvhighlights":
-                kinds.append(("hd", replace(s, task=Task.HIGHLIGHT_DETECTION, sample_id=s.sample_id[:-2] + "hd")))
-            for kind, sample in kinds:
-                t = vtg.tokenize_sample(sample, fs.timestamps, tok, with_response=False)
-                prompts.append(Prompt(sample.sample_id, t.ids, t.types, visual))
-                where.append((len(queries) - 1, kind))
-            bar.update(1)
-    bar.close()
     stats = PredictStats()
-    bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=quiet, file=sys.stderr)
-    outcomes = predict_prompts(lm, prompts, tok, gcfg, args.batch_size, stats, progress=bar.update)
+    n_prompts = 0
+    # Chunks of samples: decode + vision tokens of one chunk are held in memory at a time.
+    chunk = max(64, 8 * args.batch_size)
+    for lo in range(0, len(samples), chunk):
+        idx = range(lo, min(lo + chunk, len(samples)))
+        with torch.no_grad():
+            decoded = [dataset.get(i) for i in idx]
+        decoded = _agree_on_decoded(decoded)
+        prompts: list[Prompt] = []
+        where: list[tuple[Query, str]] = []  # prompt -> (its query, "mr" | "hd")
+        with torch.no_grad():
+            for i, fs in zip(idx, decoded):
+                s = samples[i]
+                q = Query(Path(s.video).stem, s.query, _qid(s.sample_id) if args.task == "qvhighlights" else None)
+                queries.append(q)
+                if fs is None:
+                    q.mr = Outcome(s.sample_id, None, (), BAD_VIDEO)
+                    q.hd = Outcome(s.sample_id, None, (), BAD_VIDEO) if args.task == "qvhighlights" else None
+                    continue
+                q.duration = float(s.duration if s.duration is not None else fs.duration)
+                frames = resize_frames(fs.frames, frame_size) if frame_size else fs.frames  # as the training source
+                visual = vision(frames.to(device)).flatten(0, 1)  # [N * 8, h]
+                kinds = [("mr", s)]
+                if args.task == "qvhighlights":
+                    hd = replace(s, task=Task.HIGHLIGHT_DETECTION, sample_id=s.sample_id[:-2] + "hd")
+                    kinds.append(("hd", hd))
+                for kind, sample in kinds:
+                    t = vtg.tokenize_sample(sample, fs.timestamps, tok, with_response=False)
+                    prompts.append(Prompt(sample.sample_id, t.ids, t.types, visual))
+                    where.append((q, kind))
+        outcomes = predict_prompts(lm, prompts, tok, gcfg, args.batch_size, stats, index_offset=n_prompts)
+        n_prompts += len(prompts)
+        for (q, kind), o in zip(where, outcomes):
+            setattr(q, kind, o)
+        bar.update(len(idx))
     bar.close()
-    for (qi, kind), o in zip(where, outcomes):
-        setattr(queries[qi], kind, o)
     for q in queries:
         for o in (q.mr, q.hd):
             if o is not None and o.reason == BAD_VIDEO:
@@ -272,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"timeexpert predict: configuration error: {e}", file=sys.stderr)
         return 2
     init_distributed(dist_env, timeout_s=cfg.parallel.collective_timeout_s)
+    # Training batch sizes mean nothing here; make them fit any data-parallel size so validation passes.
+    cfg.training.micro_batch_size = 1
+    cfg.training.global_batch_size = dist_env.world_size
     try:
         cfg.validate(dist_env.world_size)
     except ConfigError as e:

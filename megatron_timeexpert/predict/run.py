@@ -94,9 +94,11 @@ def predict_prompts(
     batch_size: int,
     stats: PredictStats | None = None,
     progress: Callable[[int], None] | None = None,
+    index_offset: int = 0,
 ) -> list[Outcome]:
     """Generate for every prompt (batches of equal prompt length) and parse; outcomes in input order.
-    Sampling seeds are per prompt (``gcfg.seed`` + its index here), so batching changes no token."""
+    Sampling seeds are per prompt (``gcfg.seed`` + ``index_offset`` + its index here), so batching
+    (and chunking, with the offset) changes no token."""
     grammar = E.ResponseGrammar.for_vocab(text)
     out: list[Outcome | None] = [None] * len(prompts)
     device = next(model.parameters()).device
@@ -113,7 +115,9 @@ def predict_prompts(
                 if p.visual is not None:
                     visual[j, : p.visual.shape[0]] = p.visual.to(visual.dtype)
         t0 = time.perf_counter()
-        gens = generate(model, ids, types, visual, grammar, gcfg, pad_id=text.pad_id, row_seeds=bucket)
+        gens = generate(
+            model, ids, types, visual, grammar, gcfg, pad_id=text.pad_id, row_seeds=[index_offset + i for i in bucket]
+        )
         if stats is not None:
             stats.seconds += time.perf_counter() - t0
         for i, g in zip(bucket, gens):
