@@ -6,8 +6,9 @@ has the type the grammar requires at its position, is allowed there, and is the 
 THAT head's logits (recomputed independently; another head's argmax would differ); finished
 responses parse; the KV cache (megatron's StaticInferenceContext) gives the tokens of full
 recomputation, batched equals one by one; a too-small token budget gives counted, empty
-predictions; the three output formats read back with eval/io.py; and a checkpoint saved at one
-process loads at TP = 2 and at EP = 2 and generates exactly the same ids.
+predictions; the three output formats read back with eval/io.py; a checkpoint saved at one
+process loads at TP = 2 and at EP = 2, and one saved at TP = 2 loads at TP = 1, and all generate
+exactly the same ids; ``timeexpert predict`` on synthetic videos writes what ``timeexpert eval`` matches.
 
     .venv/bin/python -m pytest -q tests/test_predict.py
 """
@@ -108,7 +109,7 @@ def _generate_all(lm, prompts, use_cache: bool, batch_size: int = 4) -> dict:
 
     out = {}
     for name, extra in (("greedy", {}), ("sampled", SAMPLED)):
-        gcfg = GenerationConfig(max_new_tokens=48, use_cache=use_cache, **extra)
+        gcfg = GenerationConfig(max_new_tokens=32, use_cache=use_cache, **extra)
         res = predict_prompts(lm, prompts, SmallVocab(), gcfg, batch_size)
         out[name] = [(o.generated.ids, o.generated.types, o.generated.finished, o.reason) for o in res]
     return out
@@ -116,14 +117,20 @@ def _generate_all(lm, prompts, use_cache: bool, batch_size: int = 4) -> dict:
 
 def _save(chunks, path) -> None:
     """A complete checkpoint of the model alone, as train/checkpoint.py lays it out."""
+    import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
     from megatron_timeexpert.train.checkpoint import MARKER, model_sharded_state
 
-    path.mkdir(parents=True)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0:
+        path.mkdir(parents=True)
+    dist.barrier()
     dist_checkpointing.save(model_sharded_state(chunks), str(path))
-    (path / "train_state.json").write_text(json.dumps({"step": 0, "consumed_samples": 0, "world_size": 1}))
-    (path / MARKER).write_text(json.dumps({"step": 0}))
+    if rank == 0:
+        (path / "train_state.json").write_text(json.dumps({"step": 0, "consumed_samples": 0, "world_size": world}))
+        (path / MARKER).write_text(json.dumps({"step": 0}))
+    dist.barrier()
 
 
 def _cli_runs(recipe: str, out_dir: str) -> dict:
@@ -209,21 +216,26 @@ def _single(ckpt_dir: str, recipe: str, cli_dir: str) -> dict:
     }
 
 
-def _layouts(ckpt: str) -> dict:
-    """Load the 1-process checkpoint at TP = 2 (no cache: sequence parallel) and at EP = 2 (cache)."""
+def _layouts(ckpt: str, ckpt_tp2: str) -> dict:
+    """Load the 1-process checkpoint at TP = 2 (no cache: sequence parallel) and at EP = 2 (cache);
+    save it again from TP = 2 (text vocabulary sharded over 2 ranks) and load THAT at TP = EP = 1."""
+    from pathlib import Path
+
     from megatron_timeexpert.predict.cli import build_predict_model
     from megatron_timeexpert.train.checkpoint import load_checkpoint
 
     torch.set_num_threads(1)
     out = {}
-    for name, tp, ep in (("tp2", 2, 1), ("ep2", 1, 2)):
+    for name, tp, ep, src in (("tp2", 2, 1, ckpt), ("ep2", 1, 2, ckpt), ("tp1_from_tp2", 1, 1, ckpt_tp2)):
         cfg = tiny_config(tp=tp, ep=ep)
         _init(cfg, seed=99)  # a different init: only the checkpoint can make the outputs agree
         chunks, vision, lm = build_predict_model(cfg)
-        load_checkpoint(ckpt, chunks)
+        load_checkpoint(src, chunks)
         for c in chunks:
             c.eval()
         out[name] = _generate_all(lm, _prompts(vision), use_cache=not lm.config.sequence_parallel)
+        if name == "tp2":
+            _save(chunks, Path(ckpt_tp2))
     return out
 
 
@@ -285,7 +297,9 @@ def single(ckpt, synthetic):
 
 @pytest.fixture(scope="module")
 def layouts(single, ckpt):
-    return run_distributed(_layouts, 2, args=(str(ckpt / "iter_0000000"),), timeout=240)
+    return run_distributed(
+        _layouts, 2, args=(str(ckpt / "iter_0000000"), str(ckpt / "tp2" / "iter_0000000")), timeout=240
+    )
 
 
 def _replay(ids, types) -> list[str]:
@@ -361,7 +375,7 @@ def test_too_few_tokens_is_counted_and_empty(single):
 
 def test_checkpoint_at_another_layout_predicts_the_same_ids(single, layouts):
     for rank_out in layouts:
-        for name in ("tp2", "ep2"):
+        for name in ("tp2", "ep2", "tp1_from_tp2"):
             assert rank_out[name] == single["cached"], name
 
 
