@@ -6,10 +6,12 @@ row never sees another row). At every step each row's grammar state (data/events
 :class:`~megatron_timeexpert.data.events.ResponseGrammar`) says which type comes next; the row takes
 the logits of THAT head only (``TimeExpertModel.logits_for_generation``; the other two heads are
 never evaluated for it), sets every id the grammar does not allow to ``-inf``, and picks greedily
-(``temperature == 0``) or samples with temperature / top-p from a seeded generator. The chosen id
-is fed back with its type. A row stops at TEXT EOS; a row that reaches ``max_new_tokens`` (or the
-model's ``max_sequence_length``) without EOS is returned unfinished (the caller counts it as
-malformed, ``no_eos``).
+(``temperature == 0``) or samples with temperature / top-p from the row's own seeded generator.
+The chosen id is fed back with its type. A row stops at TEXT EOS; a row that reaches
+``max_new_tokens`` (or the model's ``max_sequence_length``) without EOS is returned unfinished (the
+caller counts it as malformed: ``no_closing_sync`` when cut inside a number section, else
+``no_eos``). The model must be in eval mode (megatron turns the causal mask off for cached steps
+only outside training).
 
 Two ways to run the decoder, with the same tokens (a test checks it):
 
@@ -56,7 +58,7 @@ class GenerationConfig:
     """Nucleus sampling: keep the smallest set of allowed ids whose probability reaches ``top_p``
     (only with ``temperature > 0``)."""
     seed: int = 0
-    """Seed of the sampling generator (only with ``temperature > 0``)."""
+    """Base seed of the per-row sampling generators (only with ``temperature > 0``; see :func:`generate`)."""
     use_cache: bool = True
     """KV cache through megatron's ``StaticInferenceContext`` (TP = 1); False = recompute every step."""
 
@@ -165,6 +167,8 @@ def generate(
     ``gcfg.seed + row_seeds[r]`` (default ``r``); give each sample a stable number (its index in the
     data set) and its tokens do not depend on the batching."""
     gcfg = gcfg or GenerationConfig()
+    if model.training:
+        raise ValueError("generate: call model.eval() first (dropout, and megatron's cached attention)")
     if not (model.pre_process and model.post_process):
         raise ValueError("generate: the model must hold the whole decoder (pipeline parallel size 1)")
     if ids.shape != types.shape or ids.dim() != 2:
