@@ -262,6 +262,10 @@ def synthetic(tmp_path_factory):
         capture_output=True,
         timeout=120,
     )
+    # A video that exists but cannot be decoded: its query must still get an (empty) prediction.
+    (root / "videos" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    with open(root / "annotations" / "charades_sta.txt", "a") as f:
+        f.write("broken 0.5 2.0##a square that cannot be seen.\n")
     samples = []
     for fmt, name in (("charades_sta", "charades_sta.txt"), ("qvhighlights", "qvhighlights.jsonl")):
         samples += read_annotations(fmt, root / "annotations" / name, ReaderConfig(root / "videos"), BadInputs())
@@ -444,7 +448,9 @@ def test_predict_command_writes_every_query_in_the_public_formats(single, synthe
         rc, line = single["cli"][task]
         assert rc == 0 and f"timeexpert predict: {n_prompts} samples, " in line, line
         assert "tokens/s" in line and f"wrote {out / (task + '.json')}" in line
+    assert "bad_video 1" in single["cli"]["charades"][1]
     got = io.read_moment_predictions(out / "charades.json")
+    assert got[-1].vid == "broken" and got[-1].windows == []
     assert [(p.vid, p.query) for p in got] == [(x.split()[0], x.split("##")[1].strip()) for x in charades]
     got = io.read_moment_predictions(out / "qvhighlights.json")
     assert [p.qid for p in got] == [str(x["qid"]) for x in qv]

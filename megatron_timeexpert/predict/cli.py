@@ -233,6 +233,7 @@ def run_predict(args, cfg) -> int:
             for i, fs in zip(idx, decoded):
                 s = samples[i]
                 q = Query(Path(s.video).stem, s.query, _qid(s.sample_id) if args.task == "qvhighlights" else None)
+                q.duration = float(s.duration or 0.0)  # the annotation's; the decoded video's when it has none
                 queries.append(q)
                 if fs is None:
                     q.mr = Outcome(s.sample_id, None, (), BAD_VIDEO)
