@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from megatron_timeexpert.model.vision import VisionConfig
 from megatron_timeexpert.moe.dynamics import ExpertDynamicsConfig
 from parallel.layout import LayoutError, ParallelLayout
 from parallel.planner import RebalanceConfig
@@ -31,10 +32,17 @@ def _check(cond: bool, section: str, name: str, value: Any, rule: str) -> None:
         raise ConfigError(f"{section}.{name}={value!r}: {rule}")
 
 
+MODEL_KINDS = ("gpt", "timeexpert")
+
+
 @dataclass
 class ModelConfig:
-    """The GPT-style MoE decoder."""
+    """The MoE decoder: a GPT-style token model, or the TimeExpert video LLM."""
 
+    kind: str = "gpt"
+    """'gpt': megatron's GPTModel on one token stream (data.kind synthetic_tokens); 'timeexpert': the
+    TimeExpert video LLM (model/video_llm.py: vision tower on the first pipeline stage, text/time/score
+    embeddings and heads; data.kind synthetic_vtg)."""
     num_layers: int = 4
     """Transformer layers (a multiple of pp * vpp)."""
     hidden_size: int = 64
@@ -55,8 +63,27 @@ class ModelConfig:
     """Dropout after attention and MLP."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities."""
+    vocab_from_tokenizer: bool = False
+    """model.kind timeexpert: set ``vocab_size`` to the size of the text tokenizer ``data.tokenizer``
+    when the run starts (a trained sentencepiece model may have fewer pieces than asked for); false:
+    ``vocab_size`` must equal that size."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    """model.kind timeexpert: the vision encoder (section ``model.vision``; ``out_hidden`` must equal
+    ``hidden_size``)."""
 
     def validate(self) -> None:
+        _check(self.kind in MODEL_KINDS, "model", "kind", self.kind, f"choose one of {MODEL_KINDS}")
+        try:
+            self.vision.validate()
+        except ValueError as e:
+            raise ConfigError(f"model.vision.{e}") from None
+        _check(
+            self.kind != "timeexpert" or self.vision.out_hidden == self.hidden_size,
+            "model.vision",
+            "out_hidden",
+            self.vision.out_hidden,
+            f"must equal model.hidden_size={self.hidden_size} (the slot tokens enter the decoder)",
+        )
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "seq_length"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v > 0, "model", name, v, "must be a positive integer")
@@ -194,17 +221,60 @@ class MoEConfig:
         )
 
 
+DATA_KINDS = ("synthetic_tokens", "synthetic_vtg")
+VTG_TASKS = ("moment_retrieval", "highlight_detection", "dense_captioning")
+
+
 @dataclass
 class DataConfig:
     """Training data."""
 
     kind: str = "synthetic_tokens"
-    """'synthetic_tokens': a deterministic, learnable token stream (the video path comes later)."""
+    """'synthetic_tokens': a deterministic, learnable token stream (model.kind gpt); 'synthetic_vtg':
+    videos and annotations as tools/make_synthetic_vtg.py writes them, decoded and tokenized by
+    data/vtg_source.py (model.kind timeexpert)."""
     seed: int = 1234
-    """Seed of the synthetic data; sample i is a pure function of (seed, i)."""
+    """Seed of the synthetic data; sample i is a pure function of (seed, i). synthetic_vtg: the seed
+    of the loader's shuffle."""
+    root: str | None = None
+    """synthetic_vtg: the data folder as ``python -m tools.make_synthetic_vtg --out ROOT`` writes it
+    (``ROOT/videos``, ``ROOT/annotations``)."""
+    annotations: dict[str, str] | None = None
+    """synthetic_vtg: ``{reader: file}`` annotation files (relative to ``ROOT/annotations``); null: the
+    source's default (Charades-STA, QVHighlights, ActivityNet Captions files of the synthetic data)."""
+    tasks: list[str] = field(default_factory=lambda: list(VTG_TASKS))
+    """synthetic_vtg: which VTG tasks to train on (subset of moment_retrieval, highlight_detection,
+    dense_captioning)."""
+    split: str = "all"
+    """synthetic_vtg: 'all', or 'train' / 'test' (a deterministic split by video, data/vtg_source.py)."""
+    num_frames: int = 2
+    """synthetic_vtg: frames sampled per video (each is 8 VISUAL + 7 TIME positions of the sequence)."""
+    image_size: int = 64
+    """synthetic_vtg: side of the square uint8 frames the source hands the vision tower (pixels)."""
+    tokenizer: str | None = None
+    """synthetic_vtg: the text tokenizer's ``.model`` file (data/tokenizer.py); model.vocab_size must
+    equal its size."""
+    overflow: str = "drop_events"
+    """synthetic_vtg: a sample longer than model.seq_length: 'error' or 'drop_events' (its last events go)."""
+    num_workers: int = 2
+    """synthetic_vtg: decoding threads per rank."""
+    decode_timeout_s: float = 120.0
+    """synthetic_vtg: longest wait for one video's decode; past it the video is skipped and counted."""
+    cache_dir: str | None = None
+    """synthetic_vtg: directory of the on-disk frame cache shared by ranks and runs (null: memory only)."""
 
     def validate(self) -> None:
-        _check(self.kind == "synthetic_tokens", "data", "kind", self.kind, "only 'synthetic_tokens' exists yet")
+        _check(self.kind in DATA_KINDS, "data", "kind", self.kind, f"choose one of {DATA_KINDS}")
+        _check(
+            isinstance(self.tasks, list) and bool(self.tasks) and all(t in VTG_TASKS for t in self.tasks),
+            "data",
+            "tasks",
+            self.tasks,
+            f"a non-empty list of {VTG_TASKS}",
+        )
+        for name in ("num_frames", "image_size", "num_workers"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v > 0, "data", name, v, "must be a positive integer")
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -271,6 +341,11 @@ class TrainingConfig:
     weights, Adam moments and gradient reduction in megatron's optimizer. In bf16 our routers keep
     fp32 weights and their routing records keep float64 buffers (routing decisions and counts are
     not rounded); expert slot weights are bf16 like the other layers."""
+    freeze: list[str] = field(default_factory=list)
+    """Glob patterns (``fnmatch``, ``*`` crosses dots) over parameter names within a model chunk (e.g.
+    ``vision.vit.*``, ``lm.decoder.*``; decoder layers are numbered per pipeline stage): matching
+    parameters get ``requires_grad=False`` before DDP and the optimizer are built, so they are not
+    trained and hold no optimizer state. A pattern that matches no parameter on any rank is an error."""
     distributed_optimizer: bool = False
     """Shard the optimizer state (fp32 main weights, Adam moments) over the data-parallel ranks
     (megatron's DistributedOptimizer: gradients reduce-scattered, updated weights all-gathered).
@@ -331,6 +406,13 @@ class TrainingConfig:
         )
         _check(self.precision in PRECISIONS, "training", "precision", self.precision, f"choose one of {PRECISIONS}")
         _check(
+            isinstance(self.freeze, list) and all(isinstance(p, str) and p for p in self.freeze),
+            "training",
+            "freeze",
+            self.freeze,
+            "must be a list of non-empty name patterns",
+        )
+        _check(
             not self.resume or self.save_dir is not None, "training", "resume", self.resume, "needs training.save_dir"
         )
 
@@ -383,6 +465,14 @@ class Config:
         for section in (self.model, self.moe, self.data, self.training, self.logging):
             section.validate()
         t = self.training
+        _check(
+            (self.model.kind == "timeexpert") == (self.data.kind == "synthetic_vtg"),
+            "data",
+            "kind",
+            self.data.kind,
+            f"model.kind={self.model.kind!r} trains on "
+            + ("'synthetic_vtg'" if self.model.kind == "timeexpert" else "'synthetic_tokens'"),
+        )
         _check(
             t.precision != "bf16"
             or self.moe.router == "megatron"
