@@ -13,7 +13,9 @@ sentencepiece tokenizer, next_token_targets, random uint8 frames ``[b*F, H, W, 3
 - data wait time in every logged step's metrics;
 - freezing by name pattern: frozen parameters do not change and are not in the optimizer, trainable
   ones change; a pattern that matches nothing is a ConfigError; the data source's state rides in the
-  checkpoint's train_state.json and comes back on resume.
+  checkpoint's train_state.json and comes back on resume;
+- loader and trainer in one run: data/vtg_source.py on real encoded synthetic videos, one process
+  checkpointing every step vs two data-parallel processes, same losses and state.
 """
 
 from __future__ import annotations
@@ -203,22 +205,23 @@ def video_config(workdir: Path, tokenizer: tuple[str, int], tp: int, pp: int, ep
     )
 
 
-def _run(cfg: Config, tokenizer_path: str, probe: bool, save_first: bool) -> tuple[CheckedRun, dict]:
+def _run(cfg: Config, tokenizer_path: str | None, probe: bool, save_first: bool) -> tuple[CheckedRun, dict]:
     """Rank side: train with the hand-made source; checksums of the final state; with ``probe``, what
     the freezing test needs (parameter values before/after, optimizer membership, freeze counts); with
-    ``save_first``, the initial weights are saved as checkpoint ``iter_0000000`` before the first step."""
+    ``save_first``, the initial weights are saved as checkpoint ``iter_0000000`` before the first step.
+    ``tokenizer_path`` None: the source ``data.kind`` names (data/vtg_source.py on real videos)."""
     from megatron.core import parallel_state
 
     from megatron_timeexpert.train.checksum import state_checksums
     from megatron_timeexpert.train.pretrain import Pretrainer
 
-    trainer = Pretrainer(cfg, data=HandMadeVTG(tokenizer_path))
+    trainer = Pretrainer(cfg, data=HandMadeVTG(tokenizer_path) if tokenizer_path else None)
     try:
         named = [(n, p) for m in trainer.models for n, p in m.module.named_parameters()]
         before = {n: p.detach().clone() for n, p in named} if probe else {}
         info: dict = {"init": str(trainer.save()) if save_first else None}
         result = trainer.train()
-        info.update(freeze_counts=trainer.freeze_counts, data_calls=list(trainer.data.calls))
+        info.update(freeze_counts=trainer.freeze_counts, data_calls=list(getattr(trainer.data, "calls", [])))
         if probe:
             in_opt = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
             info["params"] = {
@@ -235,7 +238,7 @@ def _run(cfg: Config, tokenizer_path: str, probe: bool, save_first: bool) -> tup
 
 
 def train_video(
-    cfg: Config, world: int, tokenizer_path: str, probe: bool = False, save_first: bool = False
+    cfg: Config, world: int, tokenizer_path: str | None, probe: bool = False, save_first: bool = False
 ) -> tuple[CheckedRun, dict]:
     return run_distributed(_run, world, args=(cfg, tokenizer_path, probe, save_first), timeout=300)[0]
 
@@ -376,3 +379,54 @@ def test_freeze_patterns_by_name():
     check_freeze_matches(["vision.vit.*"], [2])
     with pytest.raises(ConfigError, match=r"training.freeze\[1\]='lm.decodr.\*': matches no parameter"):
         check_freeze_matches(["vision.vit.*", "lm.decodr.*"], [2, 0])
+
+
+@pytest.fixture(scope="module")
+def vtg_data(workdir) -> tuple[str, str]:
+    """Real encoded synthetic videos and their annotations (tools/make_synthetic_vtg.py) and a
+    tokenizer trained on their text, as the stage recipes use them."""
+    from megatron_timeexpert.data.tokenizer import main as tokenizer_main
+    from tools.make_synthetic_vtg import main as make_data
+
+    root = workdir / "vtg"
+    make_data(["--out", str(root), "--num-videos", "6", "--width", "64", "--height", "64", "--workers", "1"])
+    ann = root / "annotations"
+    corpus = root / "corpus.txt"
+    specs = [f"charades_sta={ann / 'charades_sta.txt'}", f"qvhighlights={ann / 'qvhighlights.jsonl'}"]
+    specs.append(f"activitynet={ann / 'activitynet_captions.json'}")
+    assert (
+        tokenizer_main(["corpus", "--annotations", *specs, "--video-root", str(root / "videos"), "--out", str(corpus)])
+        == 0
+    )
+    assert tokenizer_main(["train", "--corpus", str(corpus), "--vocab-size", "512", "--out", str(root / "tok")]) == 0
+    return str(root), str(root / "tok.model")
+
+
+def test_real_source_in_the_trainer(workdir, tokenizer, vtg_data):
+    """Loader and trainer in one run: data/vtg_source.py decodes real videos for the trainer. One
+    process that checkpoints after every step (the source is closed and rebuilt around each save) and
+    two data-parallel processes (EP=2) that never save see the same global batches and take the same
+    steps."""
+    root, tok = vtg_data
+    data = [
+        f"data.root={root}",
+        f"data.tokenizer={tok}",
+        "model.vocab_from_tokenizer=true",
+        f"data.image_size={PIXELS}",
+    ]
+    saving, _ = train_video(
+        video_config(
+            workdir, tokenizer, 1, 1, 1, *data, f"training.train_steps={STEPS}", "training.save_interval=1",
+            f"training.save_dir={workdir / 'real'}",
+        ),
+        1,
+        None,
+    )  # fmt: skip
+    plain, _ = train_video(video_config(workdir, tokenizer, 1, 1, 2, *data, f"training.train_steps={STEPS}"), 2, None)
+    assert len(saving.result.losses) == STEPS
+    bad = mismatches(plain, saving, rtol=RTOL, ignore=ZERO_GRAD_PARAMS)
+    assert bad == [], "\n".join(bad)
+    last = saving.result.metrics[-1]
+    assert last["data/samples_delivered"] > 0 and last["data/bad/total"] == 0, last
+    state = json.loads((Path(saving.result.checkpoint) / "train_state.json").read_text())
+    assert state["data_state"]["ranks"]["0"]["consumed_samples"] == STEPS * GLOBAL_BATCH
