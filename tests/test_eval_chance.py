@@ -54,3 +54,19 @@ def test_random_dense_captions_have_one_event_per_gt_event():
     out = chance.random_dense_predictions(videos, ["c1", "c2"], seed=0)
     assert len(out["a"]) == 2 and all(e["caption"] in ("c1", "c2") for e in out["a"])
     assert all(0 <= e["timestamp"][0] < e["timestamp"][1] <= 8.1 for e in out["a"])
+
+
+def test_prior_baselines_predict_the_most_common_training_window_and_caption():
+    qs = [eio.MomentQuery(qid="0", vid="v", query="q", windows=[(1.0, 3.0)], duration=5.0)]
+    train = [(0.5, 2.5), (4.0, 8.0), (0.5, 2.5), (4.0, 8.0), (1.0, 2.0)]  # tie: the earlier window wins
+    (p,) = chance.prior_moment_predictions(qs, {}, train)
+    assert p["pred_windows"] == [[0.5, 2.5, 1.0]]
+    assert p["pred_saliency_scores"] == [1.0, 1.0, 0.0]  # clips [0,2) and [2,4) overlap (0.5, 2.5)
+    (p,) = chance.prior_moment_predictions(qs, {}, [(4.0, 8.0)])
+    assert p["pred_windows"] == [[4.0, 5.0, 1.0]]  # clipped to the 5 s video
+    train_v = [
+        eio.DenseVideo("t1", [(0.0, 2.0), (3.0, 5.0)], ["a", "b"]),
+        eio.DenseVideo("t2", [(0.0, 2.0)], ["b"]),
+    ]
+    out = chance.prior_dense_predictions([eio.DenseVideo("x", [(1.0, 2.0), (2.0, 4.0)], ["p", "q"])], train_v)
+    assert out["x"] == [{"timestamp": [0.0, 2.0], "caption": "b"}, {"timestamp": [3.0, 5.0], "caption": "b"}]

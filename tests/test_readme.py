@@ -18,19 +18,22 @@ def test_two_setup_commands_and_ci_runs_the_second():
     commands = _setup_commands()
     assert len(commands) == 2, commands
     main_job, tests = commands
-    assert "timeexpert pretrain" in main_job and "--nproc 4" in main_job
+    assert "tools.main_job" in main_job and main_job.startswith("bash launch/install.sh")
     assert "pytest" in tests
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert tests in ci, f".ci/run must run README's test command {tests!r}"
 
 
-def test_main_recipe_is_the_promised_layout():
+def test_main_job_recipes_are_the_promised_layout():
     from megatron_timeexpert.config import load_config
+    from tools.main_job import main
 
-    cfg = load_config(ROOT / "configs" / "tiny_moe.yaml")
-    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.etp) == (2, 2, 2, 1)
-    assert cfg.training.save_dir, "the main job must write a checkpoint"
-    cfg.validate(world_size=4)
+    assert main.__module__ == "tools.main_job"
+    for name in ("tiny_moe", "timeexpert_stage1", "timeexpert_stage2", "timeexpert_stage3"):
+        cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+        assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.etp) == (2, 2, 2, 1), name
+        assert cfg.training.save_dir, "the main job must write a checkpoint"
+        cfg.validate(world_size=4)
 
 
 def test_every_recipe_loads_and_fits_four_processes():

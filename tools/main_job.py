@@ -1,0 +1,248 @@
+"""The main job: the tiny TimeExpert video LLM from synthetic videos to VTG metrics, end to end.
+
+Run (README's first command; about 8 minutes on 2 CPU cores after the install)::
+
+    python -m tools.main_job [--out runs/main_job] [--nproc 4] [--steps 60,160,240] [--fresh]
+
+Steps (each skipped when its output exists, unless ``--fresh``):
+
+1. generate the synthetic VTG sets (real H.264/VP9 videos with known events): a training set and a
+   held-out set from another seed (``tools/make_synthetic_vtg.py``);
+2. train the sentencepiece text tokenizer on the training set's captions and instructions;
+3. train the three TimeExpert stages (``configs/timeexpert_stage{1,2,3}.yaml``), each from the
+   previous stage's checkpoint, on ``--nproc`` processes (TP, PP and EP > 1 on 4);
+4. predict on the held-out set for moment retrieval (Charades-STA format), highlight detection and
+   moment retrieval (QVHighlights) and dense captioning (YouCook2 format), from stage 3's checkpoint;
+5. evaluate with ``timeexpert eval``'s metrics, next to two baselines scored by the same code
+   (``megatron_timeexpert/eval/chance.py``): chance, the mean over 5 seeds of random predictions,
+   and the training prior, the training set's most common window / spans and caption for every
+   query (a model that learned only where events usually are scores like the prior);
+6. print the metrics and the mean number of activated experts per token type (stage 3's last
+   logged training step), and write everything to ``OUT/summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import mean
+
+TASKS = {
+    # task: (predict --task, ground-truth file under annotations/, eval --task)
+    "charades": ("charades", "charades_sta.txt", "charades"),
+    "qvhighlights": ("qvhighlights", "qvhighlights.jsonl", "qvhighlights"),
+    "dvc": ("dvc", "youcook2.json", "dvc"),
+}
+HEADLINE = {
+    "charades": ("R1@0.3", "R1@0.5", "mIoU"),
+    "qvhighlights": ("MR-full-mAP", "MR-full-R1@0.5", "HL-min-VeryGood-mAP", "HL-min-VeryGood-Hit1"),
+    "dvc": ("F1", "CIDEr", "METEOR", "SODA_c"),
+}
+CHANCE_SEEDS = 5
+
+
+def _run(cmd: list[str], what: str, log: Path) -> None:
+    t0 = time.perf_counter()
+    print(f"main_job: {what} ...", flush=True)
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if rc != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
+        raise SystemExit(f"main_job: {what} failed (exit {rc}); last lines of {log}:\n{tail}")
+    print(f"main_job: {what} done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def _timeexpert(*args: str) -> list[str]:
+    return [sys.executable, "-m", "megatron_timeexpert.cli", *args]
+
+
+def _latest(save_dir: Path) -> Path | None:
+    done = sorted(p for p in save_dir.glob("iter_*") if (p / "COMPLETE").exists()) if save_dir.exists() else []
+    return done[-1] if done else None
+
+
+def _k_by_type(metrics_file: Path) -> dict[str, float]:
+    rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
+    last = next((r for r in reversed(rows) if any(k.startswith("moe/router/k_mean/") for k in r)), {})
+    prefix = "moe/router/k_mean/"
+    # "moe/router/k_mean/<type>" is the mean over layers; per-layer keys end in ".../layerN"
+    out = {k[len(prefix) :]: v for k, v in last.items() if k.startswith(prefix)}
+    return {t: v for t, v in out.items() if "layer" not in t}
+
+
+def _chance(task: str, gt: Path, train_root: Path, durations: dict[str, float], out: Path) -> dict[str, float]:
+    from megatron_timeexpert.eval import chance
+    from megatron_timeexpert.eval import io as eio
+    from megatron_timeexpert.eval.cli import evaluate
+
+    runs = []
+    for seed in range(CHANCE_SEEDS):
+        path = out / f"chance_{task}_{seed}.json"
+        if task == "dvc":
+            videos = eio.read_dense_gt(gt)
+            captions = [c for v in eio.read_dense_gt(train_root / "annotations" / TASKS["dvc"][1]) for c in v.captions]
+            eio.write_dense_predictions(path, chance.random_dense_predictions(videos, captions, seed))
+        elif task == "charades":
+            queries = eio.read_moment_gt(gt)
+            eio.write_moment_predictions(path, chance.random_moment_predictions(queries, durations, seed))
+        else:
+            queries = eio.read_qvhighlights_gt(gt)
+            eio.write_qvhighlights_predictions(path, chance.random_moment_predictions(queries, durations, seed))
+        runs.append(evaluate(TASKS[task][2], path, gt, captions=_captions()))
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and all(r.get(k) is not None for r in runs)]
+    return {k: mean(float(r[k]) for r in runs) for k in keys}
+
+
+def _prior(task: str, gt: Path, train_root: Path, durations: dict[str, float], out: Path) -> dict[str, float]:
+    from megatron_timeexpert.eval import chance
+    from megatron_timeexpert.eval import io as eio
+    from megatron_timeexpert.eval.cli import evaluate
+
+    path = out / f"prior_{task}.json"
+    train_gt = train_root / "annotations" / TASKS[task][1]
+    if task == "dvc":
+        preds = chance.prior_dense_predictions(eio.read_dense_gt(gt), eio.read_dense_gt(train_gt))
+        eio.write_dense_predictions(path, preds)
+    else:
+        read = eio.read_moment_gt if task == "charades" else eio.read_qvhighlights_gt
+        windows = [w for q in read(train_gt) for w in q.windows]
+        preds = chance.prior_moment_predictions(read(gt), durations, windows)
+        write = eio.write_moment_predictions if task == "charades" else eio.write_qvhighlights_predictions
+        write(path, preds)
+    metrics = evaluate(TASKS[task][2], path, gt, captions=_captions())
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _captions() -> bool:
+    """CIDEr/METEOR/SODA_c need Java (METEOR, PTB tokenizer); without it dense captioning reports P/R/F1."""
+    from megatron_timeexpert.eval.dvc import java_available
+
+    return java_available()
+
+
+def _durations(root: Path) -> dict[str, float]:
+    doc = json.loads((root / "annotations" / "activitynet_captions.json").read_text())
+    return {vid: float(v["duration"]) for vid, v in doc.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.main_job", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/main_job"))
+    ap.add_argument("--nproc", type=int, default=4)
+    ap.add_argument("--steps", default="60,160,240", help="training steps of stages 1, 2, 3")
+    ap.add_argument("--train-videos", type=int, default=48)
+    ap.add_argument("--test-videos", type=int, default=16)
+    ap.add_argument("--fresh", action="store_true", help="redo every step")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override for every stage and predict"
+    )
+    ap.add_argument("--data-from", type=Path, help="reuse the videos and tokenizer of another --out folder")
+    args = ap.parse_args(argv)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "main_job.log"
+    steps = [int(s) for s in args.steps.split(",")]
+    if len(steps) != 3:
+        ap.error("--steps needs three numbers (stages 1, 2, 3)")
+    t_start = time.perf_counter()
+    data_dir = args.data_from or out
+    train_root, test_root = data_dir / "vtg_train", data_dir / "vtg_test"
+
+    # 1. data
+    for root, n, seed in ((train_root, args.train_videos, 1), (test_root, args.test_videos, 2)):
+        if args.data_from is None and (args.fresh or not (root / "events.json").exists()):
+            gen = [sys.executable, "-m", "tools.make_synthetic_vtg", "--out", str(root), "--num-videos", str(n)]
+            gen += ["--seed", str(seed), "--width", "64", "--height", "64", "--workers", "2"]
+            _run(gen, f"videos {root}", log)
+    # 2. tokenizer
+    tok = data_dir / "tok"
+    if args.data_from is None and (args.fresh or not tok.with_suffix(".model").exists()):
+        ann = train_root / "annotations"
+        corpus = [
+            *("tokenizer", "corpus", "--annotations"),
+            f"charades_sta={ann / 'charades_sta.txt'}",
+            f"qvhighlights={ann / 'qvhighlights.jsonl'}",
+            f"activitynet={ann / 'activitynet_captions.json'}",
+            *("--video-root", str(train_root / "videos"), "--out", str(out / "corpus.txt")),
+        ]
+        _run(_timeexpert(*corpus), "tokenizer corpus", log)
+        train_tok = ("tokenizer", "train", "--corpus", str(out / "corpus.txt"), "--vocab-size", "512")
+        _run(_timeexpert(*train_tok, "--out", str(tok)), "tokenizer", log)
+    # 3. three stages
+    previous = None
+    for stage, n_steps in zip((1, 2, 3), steps):
+        save = out / f"stage{stage}" / "checkpoints"
+        if args.fresh or _latest(save) is None:
+            over = [
+                f"data.root={train_root}",
+                f"data.tokenizer={tok}.model",
+                f"training.save_dir={save}",
+                f"training.train_steps={n_steps}",
+                f"logging.run_dir={out / f'stage{stage}'}",
+                "logging.progress_bar=false",
+                "logging.wandb=false",
+                "logging.tensorboard=false",
+            ]
+            if previous is not None:
+                over += [f"training.load_dir={previous}", "training.finetune=true"]
+            over += args.set
+            cfg = f"configs/timeexpert_stage{stage}.yaml"
+            _run(_timeexpert("pretrain", "--config", cfg, "--nproc", str(args.nproc), *over), f"stage {stage}", log)
+        previous = _latest(save)
+    # 4-5. predict and evaluate on the held-out set
+    from megatron_timeexpert.eval.cli import evaluate
+
+    if not _captions():
+        print("main_job: no `java` on PATH: dense captioning is scored without CIDEr, METEOR and SODA_c", flush=True)
+
+    durations = _durations(test_root)
+    results: dict[str, dict] = {}
+    for task, (pred_task, gt_name, eval_task) in TASKS.items():
+        pred = out / f"pred_{task}.json"
+        if args.fresh or not pred.exists():
+            cmd = _timeexpert(
+                "predict",
+                *("--config", "configs/timeexpert_stage3.yaml", "--checkpoint", str(previous)),
+                *("--data", str(test_root), "--task", pred_task, "--out", str(pred), "--no-progress"),
+                f"data.tokenizer={tok}.model",
+                *args.set,
+            )
+            _run(cmd, f"predict {task}", log)
+        gt = test_root / "annotations" / gt_name
+        results[task] = {
+            "model": evaluate(eval_task, pred, gt, captions=_captions()),
+            "chance": _chance(task, gt, train_root, durations, out),
+            "prior": _prior(task, gt, train_root, durations, out),
+        }
+    # 6. report
+    k_types = _k_by_type(out / "stage3" / "metrics.jsonl")
+    summary = {
+        "metrics": results,
+        "k_by_type": k_types,
+        "overrides": args.set,
+        "steps": steps,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"\nheld-out VTG metrics (synthetic, {args.test_videos} test videos): model / chance / training prior")
+    nan = float("nan")
+    for task, names in HEADLINE.items():
+        m, c, p = (results[task][k] for k in ("model", "chance", "prior"))
+        cells = [f"{n} {m.get(n, nan):.1f} / {c.get(n, nan):.1f} / {p.get(n, nan):.1f}" for n in names]
+        print(f"  {task:13s} " + " | ".join(cells))
+    print("mean activated experts per token (stage 3, last logged step): " + ", ".join(
+        f"{t} {v:.2f}" for t, v in sorted(k_types.items())
+    ))  # fmt: skip
+    print(f"main_job: finished in {summary['wall_s'] / 60:.1f} min; {out / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
