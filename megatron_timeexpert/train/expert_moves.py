@@ -90,7 +90,11 @@ def shard_of(sub, param: torch.Tensor) -> tuple[dict[str, torch.Tensor], int, in
     if param not in sub.model_param_group_index_map:
         return None
     rng = sub._get_model_param_range_map(param)["param"]
-    tensors = sub._get_main_param_and_optimizer_states(param)
+    group_index, group_order = sub.model_param_group_index_map[param]
+    main = sub.optimizer.param_groups[group_index]["params"][group_order]
+    # .get: the inner optimizer's state is a defaultdict; indexing it would insert an empty entry that
+    # megatron's state_dict() then rejects (no "step") before the first step.
+    tensors = {"param": main, **sub.optimizer.state.get(main, {})}
     flat = {k: v for k, v in tensors.items() if torch.is_tensor(v) and v.numel() == rng.end - rng.start}
     return flat, int(rng.start), int(rng.end)
 
