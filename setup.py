@@ -35,7 +35,9 @@ EXTRAS = {
     "eval": ["transformers>=4.45", "sentencepiece", "pycocoevalcap"],
     "launch": ["mpi4py"],
 }
-EXTRAS["dev"] = sorted(set(EXTRAS["video"] + EXTRAS["logging"] + EXTRAS["eval"] + ["pytest", "pytest-timeout", "ruff", "scikit-video"]))
+EXTRAS["dev"] = sorted(
+    set(EXTRAS["video"] + EXTRAS["logging"] + EXTRAS["eval"] + ["pytest", "pytest-timeout", "ruff", "scikit-video"])
+)
 
 setup(
     name="megatron-timeexpert",
