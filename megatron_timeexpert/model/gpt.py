@@ -196,29 +196,45 @@ def block_spec(cfg: Config, tconfig, vp_stage: int | None):
     return TransformerBlockSubmodules(layer_specs=all_specs[offset : offset + count], layer_norm=backend_norm(backend))
 
 
-def build_model(cfg: Config) -> list[torch.nn.Module]:
-    """This rank's GPTModel chunks (one per virtual pipeline stage), on the current device."""
+def model_chunks(cfg: Config, make) -> list[torch.nn.Module]:
+    """This rank's model chunks, one per virtual pipeline stage, on the current device:
+    ``make(tconfig, vp_stage, pre_process, post_process)`` builds one."""
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
 
     tconfig = transformer_config(cfg)
     vpp = cfg.parallel.vpp if cfg.parallel.vpp and cfg.parallel.vpp > 1 else None
     chunks = []
     for vp_stage in range(vpp) if vpp else [None]:
-        model = GPTModel(
-            config=tconfig,
-            transformer_layer_spec=block_spec(cfg, tconfig, vp_stage),
-            vocab_size=cfg.model.vocab_size,
-            max_sequence_length=cfg.model.seq_length,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            share_embeddings_and_output_weights=False,
-            position_embedding_type="learned_absolute",
-            vp_stage=vp_stage,
+        model = make(
+            tconfig,
+            vp_stage,
+            ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         )
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
+    return chunks
+
+
+def build_model(cfg: Config) -> list[torch.nn.Module]:
+    """This rank's GPTModel chunks (one per virtual pipeline stage), on the current device."""
+    from megatron.core.models.gpt import GPTModel
+
+    def make(tconfig, vp_stage, pre_process, post_process):
+        return GPTModel(
+            config=tconfig,
+            transformer_layer_spec=block_spec(cfg, tconfig, vp_stage),
+            vocab_size=cfg.model.vocab_size,
+            max_sequence_length=cfg.model.seq_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="learned_absolute",
+            vp_stage=vp_stage,
+        )
+
+    chunks = model_chunks(cfg, make)
     if torch.distributed.get_rank() == 0:
         log.info(
             "model: %d layers, hidden %d, %d experts (router %s), layer backend %s%s",

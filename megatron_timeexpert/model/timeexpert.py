@@ -36,7 +36,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
 from megatron_timeexpert.config import Config
-from megatron_timeexpert.model.gpt import block_spec, layer_backend, transformer_config
+from megatron_timeexpert.model.gpt import block_spec, layer_backend, model_chunks
 from megatron_timeexpert.model.heads import (
     Head,
     NumberHead,
@@ -322,24 +322,15 @@ def _encoder_or_decoder():
 
 def build_timeexpert_model(cfg: Config, mcfg: TimeExpertModelConfig | None = None) -> list[TimeExpertModel]:
     """This rank's TimeExpert chunks (one per virtual pipeline stage) for the initialised layout."""
-    from megatron.core import parallel_state as ps
-
     mcfg = mcfg or TimeExpertModelConfig.from_config(cfg)
-    tconfig = transformer_config(cfg)
-    vpp = cfg.parallel.vpp if cfg.parallel.vpp and cfg.parallel.vpp > 1 else None
-    chunks = []
-    for vp_stage in range(vpp) if vpp else [None]:
-        model = TimeExpertModel(
-            tconfig,
-            mcfg,
-            block_spec(cfg, tconfig, vp_stage),
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            vp_stage=vp_stage,
+
+    def make(tconfig, vp_stage, pre_process, post_process):
+        spec = block_spec(cfg, tconfig, vp_stage)
+        return TimeExpertModel(
+            tconfig, mcfg, spec, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage
         )
-        if torch.cuda.is_available():
-            model.cuda(torch.cuda.current_device())
-        chunks.append(model)
+
+    chunks = model_chunks(cfg, make)
     if torch.distributed.get_rank() == 0:
         log.info(
             "TimeExpert model: %d layers, hidden %d, text vocab %d (padded %d), %d experts (router %s), backend %s",

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_timeexpert.train.expert_dynamics import _first_of, _moe_layers
 from megatron_timeexpert.train.expert_moves import install_placement, slot_row_bytes
 from parallel.env import collective_device
 from parallel.planner import PlannerConfig, RebalanceConfig, plan_placement, rank_imbalance
@@ -84,16 +85,6 @@ class PlacementEvent:
             f"{self.imbalance_before:.3f} -> {self.imbalance_after:.3f} (predicted), "
             f"plan {self.plan_s * 1e3:.1f} ms, migration {self.migrate_s * 1e3:.1f} ms"
         )
-
-
-def _moe_layers(trainer) -> list:
-    from megatron_timeexpert.train.pretrain import _moe_layers as layers_of
-
-    return [layer for model in trainer.models for layer in layers_of(model) if hasattr(layer.router, "records")]
-
-
-def _first_of(group) -> bool:
-    return group is None or not dist.is_initialized() or dist.get_rank(group) == 0
 
 
 def check_same_map(new_map: torch.Tensor, group, layer: int, step: int) -> None:
