@@ -134,3 +134,21 @@ def test_loader_delivers_frames_where_the_queried_event_is_visible(synth):
             np.testing.assert_array_equal(visible, (ts >= ev.start - 1e-6) & (ts <= ev.end + 1e-6), err_msg=text)
             seen += 1
     assert seen >= len(samples)
+
+
+def test_qvhighlights_clip_ids_stay_within_the_evaluators_clip_count(tmp_path):
+    """moment_detr's evaluator (and ``timeexpert eval``) gives a video ``int(duration / 2)`` clips; a
+    trailing partial clip of an odd-length video must not be annotated, or scoring the set fails."""
+    from megatron_timeexpert.eval.io import read_qvhighlights_gt
+    from tools.make_synthetic_vtg import plan_video, write_annotations
+
+    cfg = GeneratorConfig(out=tmp_path, num_videos=200, seed=1, progress=False)
+    specs = [plan_video(cfg, i) for i in range(cfg.num_videos)]
+    tail = [s for s in specs if s.duration % 2 and s.events[-1].end > 2 * int(s.duration / 2)]
+    assert tail, "the check needs a video whose last event reaches into a partial last clip"
+    paths = write_annotations(cfg, specs)
+    queries = read_qvhighlights_gt(paths["qvhighlights"])
+    whole = sum(1 for s in specs for ev in s.events if ev.start < 2 * int(s.duration / 2))
+    assert len(queries) == whole, "every event that overlaps a whole clip is a query"
+    for q in queries:
+        assert q.relevant_clip_ids and all(c < int(q.duration / 2) for c in q.relevant_clip_ids), q.where

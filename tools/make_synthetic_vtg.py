@@ -256,7 +256,11 @@ def write_annotations(cfg: GeneratorConfig, specs: list[VideoSpec]) -> dict[str,
                 # Whole 2 s clips, but never past the video's end (a last, shorter clip at an odd
                 # duration), as in QVHighlights where windows end at most at the duration.
                 w1 = min(2 * math.ceil(ev.end / 2), s.duration)
-                clips = list(range(w0 // 2, math.ceil(w1 / 2)))
+                # Clip ids stop at the last WHOLE clip: moment_detr's evaluator gives a video
+                # int(duration / 2) clips, so a partial last clip has no saliency annotation.
+                clips = list(range(w0 // 2, min(math.ceil(w1 / 2), int(s.duration / 2))))
+                if not clips:  # the event lies wholly in that partial clip: no QVHighlights query
+                    continue
                 line = {
                     "qid": qid,
                     "query": ev.caption,
