@@ -37,7 +37,6 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-
 PRELOAD = (
     "torch",
     "torch.distributed",
@@ -142,9 +141,8 @@ def run_distributed(
     """
     ctx = _context()
     results = ctx.Queue()
-    spec = _ChildSpec(
-        fn, tuple(args), dict(kwargs or {}), world_size, free_port(), backend, dict(env or {}), threads, dict(os.environ)
-    )
+    spec = _ChildSpec(fn, tuple(args), dict(kwargs or {}), world_size, free_port(), backend, dict(env or {}), threads)
+    spec.parent_env = dict(os.environ)
     # Not daemonic: megatron dist_checkpointing starts writer processes of its own.
     procs = [ctx.Process(target=_child, args=(r, spec, results), daemon=False) for r in range(world_size)]
     for p in procs:
