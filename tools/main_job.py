@@ -83,13 +83,15 @@ def _k_by_type(metrics_file: Path) -> dict[str, float]:
     return {t: v for t, v in out.items() if "layer" not in t}
 
 
-def _chance(task: str, gt: Path, train_root: Path, durations: dict[str, float], out: Path) -> dict[str, float]:
+def _chance(
+    task: str, gt: Path, train_root: Path, durations: dict[str, float], out: Path, seeds: int = CHANCE_SEEDS
+) -> dict[str, float]:
     from megatron_timeexpert.eval import chance
     from megatron_timeexpert.eval import io as eio
     from megatron_timeexpert.eval.cli import evaluate
 
     runs = []
-    for seed in range(CHANCE_SEEDS):
+    for seed in range(seeds):
         path = out / f"chance_{task}_{seed}.json"
         if task == "dvc":
             videos = eio.read_dense_gt(gt)
@@ -177,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-videos", type=int, default=48)
     ap.add_argument("--test-videos", type=int, default=16)
     ap.add_argument("--fresh", action="store_true", help="redo every step")
+    ap.add_argument("--chance-seeds", type=int, default=CHANCE_SEEDS, help="seeds of random predictions averaged")
     ap.add_argument(
         "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override for every stage and predict"
     )
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         t_score = time.perf_counter()
         results[task] = {
             "model": evaluate(eval_task, pred, gt, captions=_captions()),
-            "chance": _chance(task, gt, train_root, durations, out),
+            "chance": _chance(task, gt, train_root, durations, out, args.chance_seeds),
             "prior": _prior(task, gt, train_root, durations, out),
         }
         score_s += time.perf_counter() - t_score
