@@ -141,8 +141,17 @@ def run_distributed(
     """
     ctx = _context()
     results = ctx.Queue()
-    spec = _ChildSpec(fn, tuple(args), dict(kwargs or {}), world_size, free_port(), backend, dict(env or {}), threads)
-    spec.parent_env = dict(os.environ)
+    spec = _ChildSpec(
+        fn,
+        tuple(args),
+        dict(kwargs or {}),
+        world_size,
+        free_port(),
+        backend,
+        dict(env or {}),
+        threads,
+        parent_env=dict(os.environ),
+    )
     # Not daemonic: megatron dist_checkpointing starts writer processes of its own.
     procs = [ctx.Process(target=_child, args=(r, spec, results), daemon=False) for r in range(world_size)]
     for p in procs:

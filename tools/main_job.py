@@ -69,11 +69,6 @@ def _timeexpert(*args: str) -> list[str]:
     return [sys.executable, "-m", "megatron_timeexpert.cli", *args]
 
 
-def _latest(save_dir: Path) -> Path | None:
-    done = sorted(p for p in save_dir.glob("iter_*") if (p / "COMPLETE").exists()) if save_dir.exists() else []
-    return done[-1] if done else None
-
-
 def _k_by_type(metrics_file: Path) -> dict[str, float]:
     rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()]
     last = next((r for r in reversed(rows) if any(k.startswith("moe/router/k_mean/") for k in r)), {})
@@ -90,18 +85,20 @@ def _chance(
     from megatron_timeexpert.eval import io as eio
     from megatron_timeexpert.eval.cli import evaluate
 
+    # The ground truth (and the training captions) are read once; each seed only draws and scores.
+    if task == "dvc":
+        videos = eio.read_dense_gt(gt)
+        captions = [c for v in eio.read_dense_gt(train_root / "annotations" / TASKS["dvc"][1]) for c in v.captions]
+    else:
+        queries = (eio.read_moment_gt if task == "charades" else eio.read_qvhighlights_gt)(gt)
     runs = []
     for seed in range(seeds):
         path = out / f"chance_{task}_{seed}.json"
         if task == "dvc":
-            videos = eio.read_dense_gt(gt)
-            captions = [c for v in eio.read_dense_gt(train_root / "annotations" / TASKS["dvc"][1]) for c in v.captions]
             eio.write_dense_predictions(path, chance.random_dense_predictions(videos, captions, seed))
         elif task == "charades":
-            queries = eio.read_moment_gt(gt)
             eio.write_moment_predictions(path, chance.random_moment_predictions(queries, durations, seed))
         else:
-            queries = eio.read_qvhighlights_gt(gt)
             eio.write_qvhighlights_predictions(path, chance.random_moment_predictions(queries, durations, seed))
         runs.append(evaluate(TASKS[task][2], path, gt, captions=_captions()))
     keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and all(r.get(k) is not None for r in runs)]
@@ -188,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         "--write-bench", action="store_true", help="write the numbers to docs/BENCHMARKS.md, docs/bench/main_job.json"
     )
     args = ap.parse_args(argv)
+    from megatron_timeexpert.train.checkpoint import latest_checkpoint
+
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     log = out / "main_job.log"
@@ -222,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = None
     for stage, n_steps in zip((1, 2, 3), steps):
         save = out / f"stage{stage}" / "checkpoints"
-        if args.fresh or _latest(save) is None:
+        if args.fresh or latest_checkpoint(save) is None:
             over = [
                 f"data.root={train_root}",
                 f"data.tokenizer={tok}.model",
@@ -238,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             over += args.set
             cfg = f"configs/timeexpert_stage{stage}.yaml"
             _run(_timeexpert("pretrain", "--config", cfg, "--nproc", str(args.nproc), *over), f"stage {stage}", log)
-        previous = _latest(save)
+        previous = latest_checkpoint(save)
     # 4-5. predict and evaluate on the held-out set
     from megatron_timeexpert.eval.cli import evaluate
 
