@@ -45,3 +45,37 @@ def test_main_job_runs_every_step_and_scores_every_query(tmp_path):
     pred_lines = (out / "pred_charades.json").read_text().splitlines()
     assert len(pred_lines) == len([g for g in gt_lines if g.strip()]), "a held-out query was dropped"
     assert summary["charades_queries"] == len(pred_lines)
+
+
+def test_a_stuck_step_is_stopped_with_its_process_group(tmp_path):
+    """No unbounded wait: a step past ``--step-timeout-s`` ends the job with an error naming it, and
+    the processes it started (a launcher's ranks) are stopped with it."""
+    import os
+    import time
+
+    from tools.main_job import _run
+
+    pid_file = tmp_path / "grandchild.pid"
+    script = (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(120)\n"
+    )
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit, match=r"stuck step still running after 3 s"):
+        _run([sys.executable, "-c", script], "stuck step", tmp_path / "main_job.log", timeout_s=3)
+    assert time.monotonic() - t0 < 30
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    stat = Path(f"/proc/{grandchild}/stat")
+    while time.monotonic() < deadline:
+        try:
+            os.kill(grandchild, 0)
+            if stat.read_text().split(")")[-1].split()[0] == "Z":  # dead, not yet reaped by its new parent
+                break
+        except (ProcessLookupError, FileNotFoundError):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the step's child {grandchild} outlived the step")

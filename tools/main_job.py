@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -46,14 +47,34 @@ HEADLINE = {
 CHANCE_SEEDS = 5
 
 
-def _run(cmd: list[str], what: str, log: Path) -> None:
-    """Run one step; its wall time is kept in ``log``'s folder (timings.json), across invocations."""
+def _run(cmd: list[str], what: str, log: Path, timeout_s: float) -> None:
+    """Run one step; its wall time is kept in ``log``'s folder (timings.json), across invocations.
+
+    A step still running after ``timeout_s`` is stopped with its whole process group (a launcher's
+    ranks included: SIGTERM, then SIGKILL 10 s later) and the job ends with an error naming it."""
     t0 = time.perf_counter()
     print(f"main_job: {what} ...", flush=True)
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=grace)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            raise SystemExit(
+                f"main_job: {what} still running after {timeout_s:.0f} s (--step-timeout-s): stopped; see {log}"
+            ) from None
     if rc != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
         raise SystemExit(f"main_job: {what} failed (exit {rc}); last lines of {log}:\n{tail}")
@@ -176,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-videos", type=int, default=48)
     ap.add_argument("--test-videos", type=int, default=16)
     ap.add_argument("--fresh", action="store_true", help="redo every step")
+    ap.add_argument(
+        "--step-timeout-s", type=float, default=3600.0, help="longest any one step (a stage, a prediction) may run"
+    )
     ap.add_argument("--chance-seeds", type=int, default=CHANCE_SEEDS, help="seeds of random predictions averaged")
     ap.add_argument(
         "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override for every stage and predict"
@@ -202,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.data_from is None and (args.fresh or not (root / "events.json").exists()):
             gen = [sys.executable, "-m", "tools.make_synthetic_vtg", "--out", str(root), "--num-videos", str(n)]
             gen += ["--seed", str(seed), "--width", "64", "--height", "64", "--workers", "2"]
-            _run(gen, f"videos {root}", log)
+            _run(gen, f"videos {root}", log, args.step_timeout_s)
     # 2. tokenizer
     tok = data_dir / "tok"
     if args.data_from is None and (args.fresh or not tok.with_suffix(".model").exists()):
@@ -214,9 +238,9 @@ def main(argv: list[str] | None = None) -> int:
             f"activitynet={ann / 'activitynet_captions.json'}",
             *("--video-root", str(train_root / "videos"), "--out", str(out / "corpus.txt")),
         ]
-        _run(_timeexpert(*corpus), "tokenizer corpus", log)
+        _run(_timeexpert(*corpus), "tokenizer corpus", log, args.step_timeout_s)
         train_tok = ("tokenizer", "train", "--corpus", str(out / "corpus.txt"), "--vocab-size", "512")
-        _run(_timeexpert(*train_tok, "--out", str(tok)), "tokenizer", log)
+        _run(_timeexpert(*train_tok, "--out", str(tok)), "tokenizer", log, args.step_timeout_s)
     # 3. three stages
     previous = None
     for stage, n_steps in zip((1, 2, 3), steps):
@@ -236,7 +260,12 @@ def main(argv: list[str] | None = None) -> int:
                 over += [f"training.load_dir={previous}", "training.finetune=true"]
             over += args.set
             cfg = f"configs/timeexpert_stage{stage}.yaml"
-            _run(_timeexpert("pretrain", "--config", cfg, "--nproc", str(args.nproc), *over), f"stage {stage}", log)
+            _run(
+                _timeexpert("pretrain", "--config", cfg, "--nproc", str(args.nproc), *over),
+                f"stage {stage}",
+                log,
+                args.step_timeout_s,
+            )
         previous = latest_checkpoint(save)
     # 4-5. predict and evaluate on the held-out set
     from megatron_timeexpert.eval.cli import evaluate
@@ -257,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"data.tokenizer={tok}.model",
                 *args.set,
             )
-            _run(cmd, f"predict {task}", log)
+            _run(cmd, f"predict {task}", log, args.step_timeout_s)
         gt = test_root / "annotations" / gt_name
         t_score = time.perf_counter()
         results[task] = {
