@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -40,6 +41,13 @@ class DistEnv:
     master_addr: str
     master_port: int
     launcher: str
+
+
+def free_port() -> int:
+    """An unused TCP port on localhost (the OS picks it; a tiny reuse race remains)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -111,6 +119,9 @@ def discover(env: Mapping[str, str] | None = None) -> DistEnv:
             port,
             "slurm",
         )
+    # One process has no peer to meet: without MASTER_PORT it takes a port the OS says is free, so two
+    # single-process runs on one machine (a test beside a job) do not both claim DEFAULT_PORT.
+    port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else free_port()
     return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
 
 

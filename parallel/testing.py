@@ -28,7 +28,6 @@ import os
 import pickle
 import queue
 import signal
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -36,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch.multiprocessing as mp
+
+from parallel.env import free_port  # noqa: F401 - tests import it from here
 
 PRELOAD = (
     "torch",
@@ -63,13 +64,6 @@ def _context():
 
 class DistributedRunError(RuntimeError):
     """A rank raised, or the run timed out; the message carries each failing rank's traceback."""
-
-
-def free_port() -> int:
-    """An unused TCP port on localhost (the OS picks it; a tiny reuse race remains)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

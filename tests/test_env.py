@@ -45,3 +45,21 @@ def test_pmi_and_bad_values_and_single():
     with pytest.raises(LaunchEnvError, match="SLURM_PROCID='x' is not an integer"):
         discover({"SLURM_PROCID": "x", "SLURM_NTASKS": "2", "MASTER_ADDR": "h"})
     assert discover({}).launcher == "single"
+
+
+def test_single_process_without_master_port_takes_a_free_port():
+    """A lone process needs no rendezvous partner: it must not claim DEFAULT_PORT, which another
+    single-process run on the machine may hold (two such runs failed with EADDRINUSE)."""
+    import socket
+
+    from parallel.env import DEFAULT_PORT
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind(("127.0.0.1", DEFAULT_PORT))
+        held.listen()
+        e = discover({})
+        assert e.launcher == "single" and e.master_port != DEFAULT_PORT
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", e.master_port))  # free: the process can listen there
+    assert discover({"MASTER_PORT": "1234"}).master_port == 1234, "an explicit MASTER_PORT is kept"
