@@ -152,3 +152,28 @@ def test_qvhighlights_clip_ids_stay_within_the_evaluators_clip_count(tmp_path):
     assert len(queries) == whole, "every event that overlaps a whole clip is a query"
     for q in queries:
         assert q.relevant_clip_ids and all(c < int(q.duration / 2) for c in q.relevant_clip_ids), q.where
+
+
+def test_event_placement_varies_so_no_constant_window_fits_many_videos():
+    """Events start anywhere (the old generator put every first event at 0 or 0.5 s: 55% of starts),
+    in time order, on the 0.5 s grid, inside the video, apart by at least 0.5 s; no window is the
+    answer to more than a few percent of the queries."""
+    from collections import Counter
+
+    from tools.make_synthetic_vtg import MIN_GAP, plan_video
+
+    cfg = GeneratorConfig(out="unused", num_videos=400, seed=1, progress=False)
+    specs = [plan_video(cfg, i) for i in range(cfg.num_videos)]
+    firsts = [s.events[0].start for s in specs]
+    assert sum(f in (0.0, 0.5) for f in firsts) / len(firsts) < 0.35
+    assert max(firsts) >= 6.0
+    events = [(s, e) for s in specs for e in s.events]
+    for s, e in events:
+        assert e.start * 2 == int(e.start * 2) and e.end * 2 == int(e.end * 2)
+        assert 0 <= e.start and e.end <= s.duration - 1 / s.fps + 1e-9 and e.end - e.start >= 1.0
+    for s in specs:
+        assert all(a.end + MIN_GAP <= b.start + 1e-9 for a, b in zip(s.events, s.events[1:]))
+        assert len({e.colour for e in s.events}) == len(s.events)
+    windows = Counter((e.start, e.end) for _, e in events)
+    assert windows.most_common(1)[0][1] / len(events) < 0.03
+    assert {len(s.events) for s in specs} == {1, 2, 3}

@@ -143,33 +143,58 @@ def plan_video(cfg: GeneratorConfig, index: int) -> VideoSpec:
     spec = VideoSpec(vid, f"videos/{vid}.{CODECS[codec][1]}", codec, cfg.fps, num_frames, duration)
     colours = rng.sample(sorted(COLOURS), k=len(COLOURS))
     last_t = duration - 1.0 / cfg.fps  # time of the last frame
-    t = rng.choice([0.0, 0.5])
-    for k in range(rng.randint(1, cfg.max_events)):
-        length = rng.choice([1.0, 1.5, 2.0, 2.5, 3.0, 4.0])
-        if t + length > last_t:
-            if spec.events:
-                break
-            length = math.floor((last_t - t) * 2) / 2  # every video gets at least one event (>= 1 s)
+    for k, (start, length) in enumerate(_place_events(rng, cfg.max_events, last_t)):
         shape, action = rng.choice(SHAPES), rng.choice(ACTIONS)
         to_shape = rng.choice([s for s in SHAPES if s != shape]) if action == "changes" else ""
         colour = colours[k]
         spec.events.append(
             Event(
-                t,
-                t + length,
+                start,
+                start + length,
                 colour,
                 shape,
                 action,
                 _caption(colour, shape, action, to_shape),
-                round(t * cfg.fps),
-                round((t + length) * cfg.fps),
-                lane=k % 2,
+                round(start * cfg.fps),
+                round((start + length) * cfg.fps),
+                lane=rng.randint(0, 1),
                 to_shape=to_shape,
                 rgb=COLOURS[colour],
             )
         )
-        t += length + rng.choice([0.5, 1.0, 1.5])
     return spec
+
+
+EVENT_LENGTHS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
+"""Event lengths drawn from (seconds)."""
+MIN_GAP = 0.5
+"""Shortest pause between two events (seconds); events never overlap."""
+MAX_BUSY = 0.7
+"""Events (with their pauses) take at most this share of a video when it has more than one, so their
+placement keeps room to vary."""
+
+
+def _place_events(rng: random.Random, max_events: int, last_t: float) -> list[tuple[float, float]]:
+    """``(start, length)`` of 1..``max_events`` events in time order, on a 0.5 s grid, inside ``[0, last_t]``.
+
+    The number and lengths are drawn first (events beyond :data:`MAX_BUSY` of the video are dropped;
+    every video keeps at least one of at least 1 s), then the free time is cut at uniformly random
+    points into a lead-in, the pauses between events (each at least :data:`MIN_GAP`) and a tail. So the
+    first event may start anywhere, and the order of the events' contents and their gaps vary from video
+    to video: a window that is right for many videos (a "training prior") is rare."""
+    lengths = [rng.choice(EVENT_LENGTHS) for _ in range(rng.randint(1, max_events))]
+    while len(lengths) > 1 and sum(lengths) + MIN_GAP * (len(lengths) - 1) > MAX_BUSY * last_t:
+        lengths.pop()
+    if lengths[0] > last_t:
+        lengths[0] = max(1.0, math.floor(last_t * 2) / 2)
+    units = max(0, math.floor((last_t - sum(lengths) - MIN_GAP * (len(lengths) - 1)) * 2 + 1e-9))
+    cuts = sorted(rng.randint(0, units) for _ in lengths)  # 0.5 s units of slack before each event
+    out, t = [], 0.0
+    for k, length in enumerate(lengths):
+        t += (cuts[k] - (cuts[k - 1] if k else 0)) * 0.5 + (MIN_GAP if k else 0.0)
+        out.append((t, length))
+        t += length
+    return out
 
 
 def _mask(shape: str, size: int) -> np.ndarray:
