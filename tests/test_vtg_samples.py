@@ -74,21 +74,38 @@ def response(ts: vtg.TokenizedSample, tok) -> E.ParseResult:
     return E.parse_response(ts.ids[ts.response_start :], ts.types[ts.response_start :], tok)
 
 
-def check_layout(ts: vtg.TokenizedSample, sample: VTGSample, times: list[float], tok) -> None:
+def check_layout(
+    ts: vtg.TokenizedSample, sample: VTGSample, times: list[float], tok, cfg: vtg.SequenceConfig | None = None
+) -> None:
+    cfg = cfg or vtg.SequenceConfig()
     ids, types = ts.ids.tolist(), ts.types.tolist()
     assert (ids[0], types[0]) == (tok.bos_id, TEXT)
     n = len(times)
-    for k, t in enumerate(times):  # 8 VISUAL, the frame's 6 time characters, <sep>
-        block = slice(1 + k * PER_FRAME, 1 + (k + 1) * PER_FRAME)
-        assert types[block] == [VISUAL] * 8 + [TIME] * 7
-        assert ids[block] == [0] * 8 + E.number_ids(E.format_time(t)) + [E.NUM_SEP]
+    instr = tok.encode(vtg.instruction(sample))
+    video_start = 1 + len(instr) if cfg.query_first else 1
+    text_start = 1 if cfg.query_first else 1 + n * cfg.frame_length
+    assert ids[text_start : text_start + len(instr)] == instr and set(types[text_start : text_start + len(instr)]) == {
+        TEXT
+    }
+    width = cfg.numbers.time_width
+    per_frame = 8 + (width + 1 if cfg.frame_time_tokens else 0)
+    assert cfg.frame_length == per_frame
+    for k, t in enumerate(times):  # 8 VISUAL, the frame's time characters, <sep>
+        block = slice(video_start + k * per_frame, video_start + (k + 1) * per_frame)
+        if cfg.frame_time_tokens:
+            assert types[block] == [VISUAL] * 8 + [TIME] * (width + 1)
+            assert ids[block] == [0] * 8 + E.number_ids(cfg.numbers.format_time(t)) + [E.NUM_SEP]
+        else:
+            assert types[block] == [VISUAL] * 8 and ids[block] == [0] * 8
         assert ts.visual_positions[k * 8 : (k + 1) * 8].tolist() == list(range(block.start, block.start + 8))
+        assert int(ts.frame_positions[k]) == block.stop - 1  # the frame head reads the frame's last position
     assert ts.visual_positions.numel() == 8 * n and ts.frame_times.tolist() == times
     assert sorted(i for i, t in enumerate(types) if t == VISUAL) == ts.visual_positions.tolist()
-    instr = tok.encode(vtg.instruction(sample))
-    start = 1 + n * PER_FRAME
-    assert ids[start : start + len(instr)] == instr and set(types[start : start + len(instr)]) == {TEXT}
-    assert ts.response_start == start + len(instr)
+    assert ts.response_start == (video_start + n * per_frame if cfg.query_first else text_start + len(instr))
+    # per-frame relevance: inside a target event (a highlight clip with saliency > 0), independently computed
+    spans = [(ev.start, ev.end) for ev in sample.events if ev.saliency is None or ev.saliency > 0]
+    want = [float(any(a - 1e-6 <= t <= b + 1e-6 for a, b in spans)) for t in times]
+    assert ts.frame_relevance.tolist() == want
     # the loss covers exactly the response and the final EOS
     mask = ts.loss_mask.tolist()
     assert mask == [0.0] * ts.response_start + [1.0] * (ts.length - ts.response_start)
@@ -97,7 +114,7 @@ def check_layout(ts: vtg.TokenizedSample, sample: VTGSample, times: list[float],
     assert (ids[ts.response_start], types[ts.response_start]) == (tok.sync_id, TEXT)
     assert [i for i in range(ts.length) if (ids[i], types[i]) == (tok.sync_id, TEXT)] == list(ts.event_starts)
     # the head-switching grammar agrees with every response position's type and id
-    g = E.ResponseGrammar.for_vocab(tok)
+    g = cfg.grammar(tok)
     state = g.initial()
     for i in range(ts.response_start, ts.length):
         assert state.next_type == types[i] and ids[i] in g.allowed_ids(state), f"position {i} of {sample.sample_id}"
@@ -107,21 +124,51 @@ def check_layout(ts: vtg.TokenizedSample, sample: VTGSample, times: list[float],
     assert state.phase is E.Phase.DONE
 
 
-def test_every_sample_of_every_reader(by_format, tok):
+LAYOUTS = {
+    "default": vtg.SequenceConfig(),
+    "video_first": vtg.SequenceConfig(query_first=False),
+    "no_frame_times_2_digits": vtg.SequenceConfig(frame_time_tokens=False, time_digits=2),
+    "2_digits": vtg.SequenceConfig(time_digits=2),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_sample_of_every_reader(by_format, tok, layout):
+    cfg = LAYOUTS[layout]
     tasks = set()
+    relevant = []
     for fmt, samples in by_format.items():
         assert samples, fmt
         for s in samples:
             times = frame_times(s)
-            ts = vtg.tokenize_sample(s, times, tok)
-            check_layout(ts, s, times, tok)
-            got = response(ts, tok)
-            assert got.ok and got.events == tuple(ev.quantized() for ev in vtg.response_events(s))
+            ts = vtg.tokenize_sample(s, times, tok, cfg)
+            check_layout(ts, s, times, tok, cfg)
+            relevant += ts.frame_relevance.tolist()
+            got = E.parse_response(ts.ids[ts.response_start :], ts.types[ts.response_start :], tok, cfg.numbers)
+            assert got.ok and got.events == tuple(ev.quantized(cfg.numbers) for ev in vtg.response_events(s))
             assert len(got.events) == (1 if s.task is Task.HIGHLIGHT_DETECTION else len(s.events))
             assert ts.sample_id == s.sample_id and ts.task is s.task
             tasks.add((fmt, s.task))
     assert {t for _, t in tasks} == set(Task)
     assert ("instruction", Task.HIGHLIGHT_DETECTION) in tasks and ("instruction", Task.DENSE_CAPTIONING) in tasks
+    assert set(relevant) == {0.0, 1.0}  # both kinds of frame target occur
+
+
+def test_frame_relevance_follows_the_generators_ground_truth(by_format, tok, truth):
+    """Each Charades query's frame targets are 1 exactly where its own event is drawn (the generator's
+    frames with start <= t <= end), not where the video's other events are."""
+    for s in by_format["charades_sta"]:
+        (gt,) = [e for e in truth[vid(s)] if e["caption"] + "." == s.query]
+        others = [e for e in truth[vid(s)] if e is not gt]
+        times = [0.1 * k for k in range(int(10 * s.events[0].end) + 12)]
+        ts = vtg.tokenize_sample(s, times, tok)
+        assert ts.frame_relevance.tolist() == [float(gt["start"] <= t + 1e-9 and t <= gt["end"] + 1e-9) for t in times]
+        for e in others:  # frames of another event are negatives for this query
+            assert all(r == 0.0 for t, r in zip(times, ts.frame_relevance.tolist()) if e["start"] <= t <= e["end"])
+    s = by_format["charades_sta"][0]
+    times = [s.events[0].start, s.events[0].end + 0.5]
+    prompt = vtg.tokenize_sample(s, times, tok, with_response=False)
+    assert prompt.frame_relevance.tolist() == [1.0, 0.0]  # events known: targets even without the answer
 
 
 def test_moment_retrieval_targets_match_the_ground_truth(by_format, tok, truth):
@@ -198,9 +245,9 @@ def test_prompt_only_samples(by_format, tok, synth, tmp_path):
     line = {"qid": 99, "query": "a red circle appears", "duration": 10.0, "vid": vid(s)}
     (tmp_path / "test.jsonl").write_text(json.dumps(line) + "\n")
     (q,) = read_annotations("qvhighlights", tmp_path / "test.jsonl", ReaderConfig(synth / "videos"), BadInputs())
-    assert vtg.tokenize_sample(q, [1.0], tok, with_response=False).length == 1 + PER_FRAME + len(
-        tok.encode(vtg.instruction(q))
-    )
+    qp = vtg.tokenize_sample(q, [1.0], tok, with_response=False)
+    assert qp.length == 1 + PER_FRAME + len(tok.encode(vtg.instruction(q)))
+    assert qp.frame_relevance.tolist() == [-1.0]  # no events: no frame target
     with pytest.raises(ValueError, match=r"qvhighlights:test:99:mr \(.*test.jsonl:1\): no target event"):
         vtg.tokenize_sample(q, [1.0], tok)
 
@@ -228,8 +275,10 @@ def test_bad_inputs_name_the_sample(by_format, tok):
 
 def test_slots_per_frame_and_moment_score_are_configurable(by_format, tok):
     s = by_format["charades_sta"][0]
-    ts = vtg.tokenize_sample(s, [0.0, 1.0], tok, vtg.SequenceConfig(slots_per_frame=4, moment_score=2.5))
+    cfg = vtg.SequenceConfig(slots_per_frame=4, moment_score=2.5, query_first=False)
+    ts = vtg.tokenize_sample(s, [0.0, 1.0], tok, cfg)
     assert ts.types[1:12].tolist() == [VISUAL] * 4 + [TIME] * 7 and ts.visual_positions.tolist()[4:] == [12, 13, 14, 15]
+    assert ts.frame_positions.tolist() == [11, 22]
     assert response(ts, tok).events[0].scores == (2.5,)
 
 
@@ -248,6 +297,9 @@ def test_collate_pads_to_a_fixed_length(by_format, tok):
         assert torch.equal(batch.visual_positions[i, :nv], s.visual_positions)
         assert (batch.visual_positions[i, nv:] == -1).all()
         assert torch.equal(batch.frame_times[i, : s.num_frames], s.frame_times)
+        targets = torch.full((L,), -1.0)
+        targets[s.frame_positions] = s.frame_relevance
+        assert torch.equal(batch.frame_targets[i], targets)
     assert batch.visual_positions.shape == (2, 24) and batch.frame_times.shape == (2, 3)
     assert batch.num_frames.tolist() == [3, 2] and batch.lengths.tolist() == [a.length, b.length]
     assert batch.sample_ids == (a.sample_id, b.sample_id) and batch.dropped_events == (0, 0)

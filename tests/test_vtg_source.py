@@ -103,7 +103,12 @@ def test_microbatch_interface(root, tok):
                     int(TokenType.TEXT),
                 )
                 assert (mb["ids"][row, last + 2 :] == tok.pad_id).all()
-                assert int(mb["types"][row, 1 + 8]) == int(TokenType.TIME)  # frame 0's time after its 8 slots
+                first_vis = int((mb["types"][row] == int(TokenType.VISUAL)).nonzero()[0])
+                assert first_vis > 1  # the query first
+                assert int(mb["types"][row, first_vis + 8]) == int(TokenType.TIME)  # frame 0's time after its 8 slots
+            assert mb["frame_times"].dtype == torch.float32 and mb["frame_times"].shape == (2, F_)
+            assert mb["frame_targets"].dtype == torch.float32 and mb["frame_targets"].shape == (2, SEQ)
+            assert ((mb["frame_targets"] >= 0).sum(1) == F_).all()
         m = src.metrics()
         assert m["data/samples_delivered"] == 4 and m["data/decode_timeouts"] == 0
 
@@ -149,6 +154,7 @@ def test_time_tokens_are_the_decoded_presentation_times(root, tok):
     ref = VideoDecoder(DecoderConfig(backend="pyav", sampling=SamplingConfig("uniform", F_), transform=None))
     with make(root, tok, backend="pyav") as src:
         video = {s.sample_id: s.video for s in src.samples}
+        src_sample = {s.sample_id: s for s in src.samples}
         rows = 0
         for mbs in steps(src, 0, 2):
             for mb in mbs:
@@ -156,12 +162,20 @@ def test_time_tokens_are_the_decoded_presentation_times(root, tok):
                     clip = ref.read(video[sid])
                     times = clip.timestamps.tolist()
                     assert len(set(times)) == F_ and times[-1] > 1.0  # real, distinct, non-trivial times
+                    visual = (mb["types"][r] == int(TokenType.VISUAL)).nonzero().flatten().tolist()
+                    assert len(visual) == 8 * F_ and visual[0] > 1  # the query comes first (default layout)
+                    events = [(e.start, e.end) for e in src_sample[sid].events if e.saliency is None or e.saliency > 0]
                     for f in range(F_):
-                        at = 1 + f * PER_FRAME + 8
+                        at = visual[8 * f] + 8
                         assert (mb["types"][r, at : at + E.TIME_WIDTH + 1] == int(TokenType.TIME)).all()
                         chars = E.number_chars(mb["ids"][r, at : at + E.TIME_WIDTH].tolist())
                         assert chars == E.format_time(times[f]), (sid, f)
                         assert int(mb["ids"][r, at + E.TIME_WIDTH]) == E.NUM_SEP
+                        # the frame head's target sits on the frame's <sep>: inside one of the sample's events?
+                        inside = any(a - 1e-6 <= times[f] <= b + 1e-6 for a, b in events)
+                        assert float(mb["frame_targets"][r, at + E.TIME_WIDTH]) == float(inside), (sid, f)
+                    assert int((mb["frame_targets"][r] >= 0).sum()) == F_
+                    assert mb["frame_times"][r].tolist() == pytest.approx(times, abs=1e-6)
                     frames = mb["frames"][r * F_ : (r + 1) * F_]
                     assert torch.equal(frames, resize_frames(clip.frames, SIZE))
                     rows += 1

@@ -43,15 +43,68 @@ DIGIT_IDS: tuple[int, ...] = tuple(range(2, 12))
 """Ids of the digits 0..9, in order."""
 
 TIME_WIDTH = 6
-"""Characters of one time (``%06.1f``: ``0012.3``)."""
+"""Characters of one time in the default format (``%06.1f``: ``0012.3``; :data:`TRACE_NUMBERS`)."""
 SCORE_WIDTH = 3
 """Characters of one score (``%3.1f``: ``4.0``)."""
 TIME_MAX = 9999.9
-"""Largest time that can be written; larger times are clamped to it (smaller than 0: to 0)."""
+"""Largest time the default format can write; larger times are clamped to it (smaller than 0: to 0)."""
 SCORE_MAX = 9.9
 """Largest score that can be written; larger scores are clamped to it (smaller than 0: to 0)."""
-_TIME_RE = re.compile(r"\d{4}\.\d")
 _SCORE_RE = re.compile(r"\d\.\d")
+
+
+@dataclass(frozen=True)
+class NumberFormat:
+    """How a time is written: ``time_digits`` integer digits, a dot and one decimal (zero-padded).
+
+    TRACE writes 4 integer digits (``0012.3``, up to 9999.9 s). Videos shorter than 100 s never use the
+    first two, so a data set of short videos can drop them (``time_digits=2``: ``12.3``): the leading
+    zeros carry nothing, and each time costs two positions less in the video block and the answer.
+    Times are clamped to ``[0, 10**time_digits - 0.1]``. Scores keep their one format (``D.D``)."""
+
+    time_digits: int = 4
+    """Integer digits of every time (frame times in the prompt and times in the answer)."""
+
+    def __post_init__(self) -> None:
+        d = self.time_digits
+        if not isinstance(d, int) or isinstance(d, bool) or not 1 <= d <= 6:
+            raise ValueError(f"NumberFormat.time_digits={self.time_digits!r}: must be an integer in 1..6")
+
+    @property
+    def time_width(self) -> int:
+        """Characters (= TIME tokens) of one time."""
+        return self.time_digits + 2
+
+    @property
+    def time_max(self) -> float:
+        """Largest time that can be written."""
+        return 10**self.time_digits - 0.1
+
+    @property
+    def time_shape(self) -> str:
+        """The pattern in words, for messages (``DDDD.D``)."""
+        return "D" * self.time_digits + ".D"
+
+    def format_time(self, t: float) -> str:
+        """``t`` seconds as :attr:`time_width` characters (``12.34`` -> ``"0012.3"`` with 4 digits), clamped."""
+        if not math.isfinite(t):
+            raise ValueError(f"time {t!r} is not a finite number")
+        return f"{min(max(float(t), 0.0), self.time_max):0{self.time_width}.1f}"
+
+    def quantize_time(self, t: float) -> float:
+        """The value ``t`` reads back as after :meth:`format_time`."""
+        return float(self.format_time(t))
+
+    def time_ids(self, t: float) -> list[int]:
+        """The :attr:`time_width` TIME ids of time ``t`` (no ``<sep>``)."""
+        return number_ids(self.format_time(t))
+
+    def time_pattern(self) -> re.Pattern:
+        return re.compile(r"\d{" + str(self.time_digits) + r"}\.\d")
+
+
+TRACE_NUMBERS = NumberFormat(4)
+"""TRACE's number format (4 integer digits); the default everywhere."""
 
 
 class TextVocab(Protocol):
@@ -72,11 +125,9 @@ class TextVocab(Protocol):
 # ---- numbers ---------------------------------------------------------------------------------------
 
 
-def format_time(t: float) -> str:
-    """``t`` seconds as 6 characters ``%06.1f`` (``12.34`` -> ``"0012.3"``), clamped to [0, 9999.9]."""
-    if not math.isfinite(t):
-        raise ValueError(f"time {t!r} is not a finite number")
-    return f"{min(max(float(t), 0.0), TIME_MAX):06.1f}"
+def format_time(t: float, numbers: NumberFormat = TRACE_NUMBERS) -> str:
+    """``t`` seconds in ``numbers``' format (default ``%06.1f``: ``12.34`` -> ``"0012.3"``), clamped."""
+    return numbers.format_time(t)
 
 
 def format_score(s: float) -> str:
@@ -86,9 +137,9 @@ def format_score(s: float) -> str:
     return f"{min(max(float(s), 0.0), SCORE_MAX):3.1f}"
 
 
-def quantize_time(t: float) -> float:
+def quantize_time(t: float, numbers: NumberFormat = TRACE_NUMBERS) -> float:
     """The value ``t`` reads back as after :func:`format_time`."""
-    return float(format_time(t))
+    return numbers.quantize_time(t)
 
 
 def quantize_score(s: float) -> float:
@@ -114,9 +165,9 @@ def number_chars(ids: Sequence[int]) -> str:
     return "".join(NUM_VOCAB[i] for i in ids)
 
 
-def time_ids(t: float) -> list[int]:
-    """The 6 TIME ids of time ``t`` (no ``<sep>``)."""
-    return number_ids(format_time(t))
+def time_ids(t: float, numbers: NumberFormat = TRACE_NUMBERS) -> list[int]:
+    """The TIME ids of time ``t`` (6 in the default format; no ``<sep>``)."""
+    return numbers.time_ids(t)
 
 
 # ---- events ----------------------------------------------------------------------------------------
@@ -136,15 +187,20 @@ class Event:
     caption: str = ""
     """Caption text (empty for moments and highlights)."""
 
-    def quantized(self) -> Event:
+    def quantized(self, numbers: NumberFormat = TRACE_NUMBERS) -> Event:
         """This event as it reads back after encoding (times/scores rounded to 0.1 and clamped)."""
         return Event(
-            tuple(quantize_time(t) for t in self.times), tuple(quantize_score(s) for s in self.scores), self.caption
+            tuple(numbers.quantize_time(t) for t in self.times),
+            tuple(quantize_score(s) for s in self.scores),
+            self.caption,
         )
 
 
-def encode_events(events: Sequence[Event], text: TextVocab) -> tuple[list[int], list[int]]:
-    """The response of ``events``: ``(ids, types)`` ending with TEXT EOS (see the module docstring).
+def encode_events(
+    events: Sequence[Event], text: TextVocab, numbers: NumberFormat = TRACE_NUMBERS
+) -> tuple[list[int], list[int]]:
+    """The response of ``events``: ``(ids, types)`` ending with TEXT EOS (see the module docstring);
+    times in ``numbers``' format.
 
     Raises ValueError for an event without times, a non-finite number or a caption holding ``<sync>``.
     """
@@ -160,7 +216,7 @@ def encode_events(events: Sequence[Event], text: TextVocab) -> tuple[list[int], 
             raise ValueError(f"event {k} has no time (every event needs at least one)")
         put(TokenType.TEXT, [text.sync_id])
         for kind, values, fmt in (
-            (TokenType.TIME, ev.times, format_time),
+            (TokenType.TIME, ev.times, numbers.format_time),
             (TokenType.SCORE, ev.scores, format_score),
         ):
             for j, v in enumerate(values):
@@ -246,7 +302,7 @@ class ResponseGrammar:
     Generation keeps a :class:`GrammarState` per sequence (``state = grammar.initial()``), masks every
     head but ``state.next_type`` and every id outside ``grammar.allowed_ids(state)``, samples, then
     ``state = grammar.step(state, type, id)``. Numbers must follow the fixed-width formats: time
-    ``DDDD.D``, score ``D.D``; an event has one or more times and zero or more scores. In text, PAD,
+    ``DDDD.D`` (``numbers``), score ``D.D``; an event has one or more times and zero or more scores. In text, PAD,
     BOS and UNK are never allowed.
     """
 
@@ -258,6 +314,8 @@ class ResponseGrammar:
     """TEXT id of EOS."""
     banned_text_ids: tuple[int, ...] = ()
     """TEXT ids never generated (PAD, BOS, UNK)."""
+    numbers: NumberFormat = TRACE_NUMBERS
+    """The time format the answers are written in (the training data's)."""
     _caption_ids: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -265,10 +323,10 @@ class ResponseGrammar:
         object.__setattr__(self, "_caption_ids", tuple(i for i in range(self.text_vocab_size) if i not in banned))
 
     @classmethod
-    def for_vocab(cls, text: TextVocab) -> ResponseGrammar:
-        """The grammar for a text tokenizer (bans its PAD, BOS and UNK ids)."""
+    def for_vocab(cls, text: TextVocab, numbers: NumberFormat = TRACE_NUMBERS) -> ResponseGrammar:
+        """The grammar for a text tokenizer (bans its PAD, BOS and UNK ids) and a time format."""
         banned = tuple(sorted({i for i in (text.pad_id, text.bos_id, text.unk_id) if i >= 0}))
-        return cls(text.vocab_size, text.sync_id, text.eos_id, banned)
+        return cls(text.vocab_size, text.sync_id, text.eos_id, banned, numbers)
 
     def initial(self) -> GrammarState:
         """State at the first response position (right after the prompt)."""
@@ -283,7 +341,8 @@ class ResponseGrammar:
             return self._caption_ids
         if p is Phase.DONE:
             return ()
-        width, dot = (TIME_WIDTH, TIME_WIDTH - 2) if p is Phase.TIME else (SCORE_WIDTH, SCORE_WIDTH - 2)
+        tw = self.numbers.time_width
+        width, dot = (tw, tw - 2) if p is Phase.TIME else (SCORE_WIDTH, SCORE_WIDTH - 2)
         if state.chars == width:
             return (NUM_SYNC, NUM_SEP)
         if state.chars == dot:
@@ -392,22 +451,25 @@ def _index(v) -> int:
         return -1
 
 
-def _check_number(chars: list[int], kind: TokenType) -> tuple[float | None, str]:
+def _check_number(chars: list[int], kind: TokenType, numbers: NumberFormat) -> tuple[float | None, str]:
     s = "".join(NUM_VOCAB[i] for i in chars)
-    pattern, width = (_TIME_RE, TIME_WIDTH) if kind is TokenType.TIME else (_SCORE_RE, SCORE_WIDTH)
+    if kind is TokenType.TIME:
+        pattern, width, shape = numbers.time_pattern(), numbers.time_width, numbers.time_shape
+    else:
+        pattern, width, shape = _SCORE_RE, SCORE_WIDTH, "D.D"
     if pattern.fullmatch(s) is None:
-        shape = "DDDD.D" if kind is TokenType.TIME else "D.D"
         return None, f"{kind.name.lower()} {s!r} is not {width} characters {shape}"
     return float(s), ""
 
 
-def parse_response(ids, types, text: TextVocab) -> ParseResult:
+def parse_response(ids, types, text: TextVocab, numbers: NumberFormat = TRACE_NUMBERS) -> ParseResult:
     """Read the events of a generated (or encoded) response; never raises on model output.
 
     ``ids``/``types``: the response positions (lists, tuples or 1-D tensors), starting right after the
     prompt. Reading stops at the first TEXT EOS (what follows, e.g. padding, is ignored). An event with
     a malformation inside its time or score section is dropped and reading resumes at the next TEXT
     ``<sync>``; an event whose caption is cut (wrong type, no EOS) is kept with the caption read so far.
+    Times must be in ``numbers``' format (the one the model was trained with).
     ValueError only when ``ids`` and ``types`` differ in length (a caller's bug, not model output).
     """
     ids, types = _as_ints(ids), _as_ints(types)
@@ -475,7 +537,7 @@ def parse_response(ids, types, text: TextVocab) -> ParseResult:
                         phase = Phase.CAPTION  # zero scores
                     i += 1
                     continue
-                value, why = _check_number(chars, kind)
+                value, why = _check_number(chars, kind, numbers)
                 if value is None:
                     problems.append(Problem(UNPARSABLE_NUMBER, i, why))
                     dropped += 1

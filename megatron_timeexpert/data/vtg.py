@@ -4,10 +4,13 @@ An annotation sample (:class:`~.types.VTGSample`, from the readers in :mod:`.ann
 presentation times of its sampled frames (what the loader decoded; nothing here decodes video) becomes
 one sequence (docs/EVENTS.md has the full layout)::
 
-    [BOS] [video block] [instruction text] [response events] [EOS]
+    [BOS] [instruction text] [video block] [response events] [EOS]      (SequenceConfig.query_first, default)
+    [BOS] [video block] [instruction text] [response events] [EOS]      (query_first=False: TRACE's order)
 
 * video block: per frame ``slots_per_frame`` VISUAL positions (id 0; the vision encoder's slot tokens go
-  there, frame-major), then the frame's time as 6 TIME tokens and TIME ``<sep>``;
+  there, frame-major), then (``frame_time_tokens``) the frame's time as TIME tokens and TIME ``<sep>``;
+  with the query first, every frame's positions can attend to the query (causal attention), so the
+  model can mark the frames the query is about before it answers;
 * instruction: :func:`instruction` (a template per task around the query; instruction-format data is
   used verbatim);
 * response: :func:`response_events` -> :func:`~.events.encode_events`. Moment retrieval: one event per
@@ -18,7 +21,13 @@ one sequence (docs/EVENTS.md has the full layout)::
 
 ``loss_mask[i] = 1`` marks position ``i`` as a TARGET: every response token and the final EOS (each
 predicted from position ``i - 1`` by the head of ``types[i]``); BOS, video block, instruction and
-padding are 0. A next-token trainer takes inputs ``ids[:-1]`` and targets ``ids[1:]`` with mask
+padding are 0.
+
+Per-frame relevance (our addition to the paper's recipe; docs/MODEL.md): ``frame_positions[k]`` is the
+LAST position of frame ``k``'s block (its ``<sep>``, or its last VISUAL slot without time tokens), which
+has seen the whole frame, and ``frame_relevance[k]`` is 1.0 when the frame's time lies inside one of the
+sample's target events (:func:`frame_relevance`), else 0.0. The model's frame head reads the hidden
+state there (model/heads.py). A next-token trainer takes inputs ``ids[:-1]`` and targets ``ids[1:]`` with mask
 ``loss_mask[1:]``.
 
 :func:`collate` right-pads to a fixed length (TEXT PAD, mask 0). A sample longer than that raises a
@@ -65,12 +74,39 @@ class SequenceConfig:
     """VISUAL positions per frame (the slot-compressed tokens of one frame)."""
     moment_score: float = 1.0
     """Score of a moment-retrieval window whose data set gives none (Charades-STA, QVHighlights windows)."""
+    query_first: bool = True
+    """The instruction (with the query) comes BEFORE the video block, so that the frames can attend to it;
+    False: after it (TRACE's order)."""
+    frame_time_tokens: bool = True
+    """Each frame's block ends with its time as TIME tokens and ``<sep>``; False: only its VISUAL slots
+    (the time then reaches the model through the frame-time embedding, model/frame_tokens.py)."""
+    time_digits: int = 4
+    """Integer digits of every time (frame times and answers; data/events.py ``NumberFormat``): 4 is
+    TRACE's ``0012.3``; 2 (``12.3``) drops two digits that are always 0 in videos under 100 s."""
 
     def __post_init__(self) -> None:
         if self.slots_per_frame < 1:
             raise ValueError(f"SequenceConfig.slots_per_frame: {self.slots_per_frame} < 1")
         if not math.isfinite(self.moment_score):
             raise ValueError(f"SequenceConfig.moment_score: {self.moment_score} is not finite")
+        try:
+            E.NumberFormat(self.time_digits)
+        except ValueError as exc:
+            raise ValueError(f"SequenceConfig.time_digits: {exc}") from None
+
+    @property
+    def numbers(self) -> E.NumberFormat:
+        """The time format of the prompt's frame times and of the answers."""
+        return E.NumberFormat(self.time_digits)
+
+    @property
+    def frame_length(self) -> int:
+        """Positions of one frame's block."""
+        return self.slots_per_frame + (self.numbers.time_width + 1 if self.frame_time_tokens else 0)
+
+    def grammar(self, text: E.TextVocab) -> E.ResponseGrammar:
+        """The response grammar of generation for this layout's number format."""
+        return E.ResponseGrammar.for_vocab(text, self.numbers)
 
 
 @dataclass(frozen=True)
@@ -97,6 +133,11 @@ class TokenizedSample:
     """Index of the first response position (== S for a prompt-only sample)."""
     event_starts: tuple[int, ...]
     """Index of each event's TEXT ``<sync>``."""
+    frame_positions: torch.Tensor
+    """long ``[N]``: the last position of each frame's block (where the frame head reads)."""
+    frame_relevance: torch.Tensor
+    """float32 ``[N]``: 1.0 where the frame lies inside a target event, 0.0 elsewhere; -1.0 for every frame
+    of a sample without events (a query to predict for)."""
 
     @property
     def length(self) -> int:
@@ -121,6 +162,9 @@ class Batch:
     """long ``[B, V]``: each sample's VISUAL positions, -1 after its own."""
     frame_times: torch.Tensor
     """float64 ``[B, N]``: frame times, 0 after each sample's ``num_frames``."""
+    frame_targets: torch.Tensor
+    """float32 ``[B, L]``: each frame's relevance (0.0 or 1.0) at its ``frame_positions`` entry, -1.0 (no
+    target) everywhere else."""
     num_frames: torch.Tensor
     """long ``[B]``."""
     lengths: torch.Tensor
@@ -162,6 +206,16 @@ def response_events(sample: VTGSample, cfg: SequenceConfig | None = None) -> lis
     return [E.Event((ev.start, ev.end), (), ev.caption or "") for ev in evs]
 
 
+def frame_relevance(sample: VTGSample, times: Sequence[float], tolerance: float = 1e-6) -> list[float]:
+    """Per frame time: 1.0 when it lies inside one of ``sample``'s target events (``start <= t <= end``, as
+    the synthetic generator draws them; a highlight clip counts when its saliency is above 0), else 0.0.
+    A sample without events (a query to predict for) gets -1.0 (no target) for every frame."""
+    spans = [(ev.start, ev.end) for ev in sample.events if ev.saliency is None or ev.saliency > 0]
+    if not sample.events:
+        return [-1.0] * len(times)
+    return [1.0 if any(a - tolerance <= t <= b + tolerance for a, b in spans) else 0.0 for t in times]
+
+
 # ---- tokenization ----------------------------------------------------------------------------------
 
 
@@ -188,21 +242,32 @@ def tokenize_sample(
             raise ValueError(f"{who}: frame {k} time is {t}")
         if k and t < times[k - 1]:
             raise ValueError(f"{who}: frame times go backwards at frame {k} ({times[k - 1]} -> {t})")
+    numbers = cfg.numbers
     ids: list[int] = [tokenizer.bos_id]
     types: list[int] = [int(TokenType.TEXT)]
     visual: list[int] = []
-    for t in times:
-        visual.extend(range(len(ids), len(ids) + cfg.slots_per_frame))
-        ids += [0] * cfg.slots_per_frame
-        types += [int(TokenType.VISUAL)] * cfg.slots_per_frame
-        ids += [*E.time_ids(t), E.NUM_SEP]
-        types += [int(TokenType.TIME)] * (E.TIME_WIDTH + 1)
+    frame_ends: list[int] = []
     try:
         text_ids = tokenizer.encode(instruction(sample))
     except ValueError as exc:
         raise ValueError(f"{who}: instruction: {exc}") from None
-    ids += text_ids
-    types += [int(TokenType.TEXT)] * len(text_ids)
+
+    def put_text() -> None:
+        ids.extend(text_ids)
+        types.extend([int(TokenType.TEXT)] * len(text_ids))
+
+    if cfg.query_first:
+        put_text()
+    for t in times:
+        visual.extend(range(len(ids), len(ids) + cfg.slots_per_frame))
+        ids += [0] * cfg.slots_per_frame
+        types += [int(TokenType.VISUAL)] * cfg.slots_per_frame
+        if cfg.frame_time_tokens:
+            ids += [*numbers.time_ids(t), E.NUM_SEP]
+            types += [int(TokenType.TIME)] * (numbers.time_width + 1)
+        frame_ends.append(len(ids) - 1)
+    if not cfg.query_first:
+        put_text()
     response_start = len(ids)
     event_starts: list[int] = []
     if with_response:
@@ -210,7 +275,7 @@ def tokenize_sample(
         if not evs:
             raise ValueError(f"{who}: no target event to train on (tokenize it with with_response=False)")
         try:
-            r_ids, r_types = E.encode_events(evs, tokenizer)
+            r_ids, r_types = E.encode_events(evs, tokenizer, numbers)
         except ValueError as exc:
             raise ValueError(f"{who}: {exc}") from None
         event_starts = [
@@ -233,6 +298,8 @@ def tokenize_sample(
         torch.tensor(times, dtype=torch.float64),
         response_start,
         tuple(event_starts),
+        torch.tensor(frame_ends, dtype=torch.long),
+        torch.tensor(frame_relevance(sample, times), dtype=torch.float32),
     )
 
 
@@ -296,18 +363,21 @@ def collate(
     n_frames = max(s.num_frames for s in fitted)
     visual = torch.full((b, n_vis), -1, dtype=torch.long)
     times = torch.zeros((b, n_frames), dtype=torch.float64)
+    frame_targets = torch.full((b, seq_len), -1.0, dtype=torch.float32)
     for i, s in enumerate(fitted):
         ids[i, : s.length] = s.ids
         types[i, : s.length] = s.types
         mask[i, : s.length] = s.loss_mask
         visual[i, : s.visual_positions.numel()] = s.visual_positions
         times[i, : s.num_frames] = s.frame_times
+        frame_targets[i, s.frame_positions] = s.frame_relevance
     return Batch(
         ids,
         types,
         mask,
         visual,
         times,
+        frame_targets,
         torch.tensor([s.num_frames for s in fitted], dtype=torch.long),
         torch.tensor([s.length for s in fitted], dtype=torch.long),
         tuple(s.sample_id for s in fitted),

@@ -12,7 +12,9 @@
 ``ids, types, position_ids, labels, label_types`` long ``[b, S]``, ``loss_mask`` float ``[b, S]``
 (:func:`~megatron_timeexpert.model.timeexpert.next_token_targets` of data/vtg.py's target mask, so
 aligned with the predicting position), ``frames`` uint8 ``[b*F, H, W, 3]`` (sample-major, frame
-order) and ``sample_ids`` (list of str).
+order), ``frame_times`` float32 ``[b, F]`` (presentation times, seconds), ``frame_targets`` float32
+``[b, S]`` (per-frame relevance at each frame's last position, -1 elsewhere; NOT shifted: the frame
+head scores the position itself) and ``sample_ids`` (list of str).
 
 Order (layout-invariant, resumable): the samples are one list (annotation files in config order,
 filtered by task and split). Epoch ``e`` is a permutation drawn from ``(seed, e)``; global sample
@@ -80,7 +82,10 @@ QVHighlights (its windows for moment retrieval and its saliency for highlight de
 ActivityNet Captions file (dense captioning). ``youcook2.json`` is the same videos' dense captions
 in the other format (use one of the two, not both, or each caption set is trained twice)."""
 SPLIT_SALT = b"timeexpert-vtg-split"
-MICROBATCH_KEYS = ("ids", "types", "position_ids", "labels", "label_types", "loss_mask", "frames", "sample_ids")
+MICROBATCH_KEYS = (
+    "ids", "types", "position_ids", "labels", "label_types", "loss_mask", "frames", "frame_times", "frame_targets",
+    "sample_ids",
+)  # fmt: skip
 
 
 @dataclass
@@ -131,6 +136,18 @@ class VTGSourceConfig:
     written atomically); empty: no disk cache."""
     time_tolerance: float = 0.5
     """Seconds an annotation may run past the video before the sample counts as bad (data/dataset.py)."""
+    query_first: bool = True
+    """The instruction comes before the video block (data/vtg.py ``SequenceConfig.query_first``)."""
+    frame_time_tokens: bool = True
+    """Each frame's block ends with its time as TIME tokens (``SequenceConfig.frame_time_tokens``)."""
+    time_digits: int = 4
+    """Integer digits of every time token (``SequenceConfig.time_digits``; 2 for videos under 100 s)."""
+
+    def sequence_config(self) -> vtg.SequenceConfig:
+        """The token layout these settings give (data/vtg.py)."""
+        return vtg.SequenceConfig(
+            query_first=self.query_first, frame_time_tokens=self.frame_time_tokens, time_digits=self.time_digits
+        )
 
     def __post_init__(self) -> None:
         self._normalise()
@@ -181,6 +198,10 @@ class VTGSourceConfig:
             bad("bad_policy", f"must be one of {S.POLICIES}")
         if self.cache_memory_mb < 0:
             bad("cache_memory_mb", "must be >= 0")
+        try:
+            self.sequence_config()
+        except ValueError as exc:
+            bad("time_digits", str(exc))
 
 
 # ---- the sample list ---------------------------------------------------------------------------------
@@ -352,12 +373,12 @@ class VTGSource:
         self.bad = BadInputs(cfg.bad_policy)
         self.samples = load_samples(cfg, self.bad)
         self.digest = samples_digest(self.samples)
-        self.seq_cfg = vtg.SequenceConfig()
-        min_len = 1 + cfg.num_frames * (self.seq_cfg.slots_per_frame + 7) + 2
+        self.seq_cfg = cfg.sequence_config()
+        min_len = 1 + cfg.num_frames * self.seq_cfg.frame_length + 2
         if seq_length < min_len:
             raise ValueError(
                 f"VTGSource: seq_length {seq_length} cannot hold {cfg.num_frames} frames "
-                f"({cfg.num_frames} x {self.seq_cfg.slots_per_frame + 7} positions) plus BOS and EOS"
+                f"({cfg.num_frames} x {self.seq_cfg.frame_length} positions) plus BOS and EOS"
             )
         self.decoder = decoder or VideoDecoder(
             DecoderConfig(backend=cfg.backend, sampling=SamplingConfig("uniform", cfg.num_frames), transform=None)
@@ -596,6 +617,8 @@ class VTGSource:
             "label_types": targets.label_types,
             "loss_mask": targets.loss_mask,
             "frames": torch.cat([fr for _, fr in items]),
+            "frame_times": batch.frame_times.to(torch.float32),
+            "frame_targets": batch.frame_targets,
             "sample_ids": list(batch.sample_ids),
         }
 
