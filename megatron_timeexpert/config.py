@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from megatron_timeexpert.model.frame_tokens import FrameTokensConfig
 from megatron_timeexpert.model.vision import VisionConfig
 from megatron_timeexpert.moe.dynamics import ExpertDynamicsConfig
 from parallel.layout import LayoutError, ParallelLayout
@@ -70,6 +71,14 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     """model.kind timeexpert: the vision encoder (section ``model.vision``; ``out_hidden`` must equal
     ``hidden_size``)."""
+    frame_tokens: FrameTokensConfig = field(default_factory=FrameTokensConfig)
+    """model.kind timeexpert: per-video standardisation of the slot tokens and the frame-time embedding
+    (section ``model.frame_tokens``, model/frame_tokens.py; our addition, off by default)."""
+    frame_loss_weight: float = 0.0
+    """model.kind timeexpert: weight of the per-frame relevance loss (a frame head on the last stage reads
+    each frame's last position and predicts whether the frame lies inside the query's events; binary
+    cross entropy summed over frames, added to the summed token losses before megatron divides by the
+    loss tokens). 0: no frame head (the paper's recipe). Our addition (docs/MODEL.md "Grounding")."""
 
     def validate(self) -> None:
         _check(self.kind in MODEL_KINDS, "model", "kind", self.kind, f"choose one of {MODEL_KINDS}")
@@ -77,6 +86,17 @@ class ModelConfig:
             self.vision.validate()
         except ValueError as e:
             raise ConfigError(f"model.vision.{e}") from None
+        try:
+            self.frame_tokens.validate()
+        except ValueError as e:
+            raise ConfigError(f"model.frame_tokens.{e}") from None
+        _check(
+            isinstance(self.frame_loss_weight, (int, float)) and 0.0 <= self.frame_loss_weight < float("inf"),
+            "model",
+            "frame_loss_weight",
+            self.frame_loss_weight,
+            "must be a finite number >= 0",
+        )
         _check(
             self.kind != "timeexpert" or self.vision.out_hidden == self.hidden_size,
             "model.vision",
@@ -262,9 +282,33 @@ class DataConfig:
     """synthetic_vtg: longest wait for one video's decode; past it the video is skipped and counted."""
     cache_dir: str | None = None
     """synthetic_vtg: directory of the on-disk frame cache shared by ranks and runs (null: memory only)."""
+    query_first: bool = True
+    """synthetic_vtg: the instruction (with the query) comes before the video block, so every frame can
+    attend to the query; false: after it, TRACE's order (data/vtg.py)."""
+    frame_time_tokens: bool = True
+    """synthetic_vtg: each frame's block ends with its presentation time as TIME tokens; false: the time
+    reaches the model only through model.frame_time_embedding (shorter sequences)."""
+    time_digits: int = 4
+    """synthetic_vtg: integer digits of every time token, in the prompt and the answers (4: TRACE's
+    ``0012.3``; 2: ``12.3``, for videos under 100 s). predict and eval read the same setting."""
+
+    def sequence_config(self):
+        """The token layout of these settings (data/vtg.py ``SequenceConfig``)."""
+        from megatron_timeexpert.data.vtg import SequenceConfig
+
+        return SequenceConfig(
+            query_first=self.query_first, frame_time_tokens=self.frame_time_tokens, time_digits=self.time_digits
+        )
 
     def validate(self) -> None:
         _check(self.kind in DATA_KINDS, "data", "kind", self.kind, f"choose one of {DATA_KINDS}")
+        _check(
+            isinstance(self.time_digits, int) and 1 <= self.time_digits <= 6,
+            "data",
+            "time_digits",
+            self.time_digits,
+            "must be an integer in 1..6",
+        )
         _check(
             isinstance(self.tasks, list) and bool(self.tasks) and all(t in VTG_TASKS for t in self.tasks),
             "data",
@@ -472,6 +516,21 @@ class Config:
             self.data.kind,
             f"model.kind={self.model.kind!r} trains on "
             + ("'synthetic_vtg'" if self.model.kind == "timeexpert" else "'synthetic_tokens'"),
+        )
+        _check(
+            self.model.kind != "timeexpert" or not self.model.frame_tokens.standardize or self.data.num_frames >= 2,
+            "model.frame_tokens",
+            "standardize",
+            self.model.frame_tokens.standardize,
+            f"standardises each slot over the video's frames: needs data.num_frames >= 2 (is {self.data.num_frames})",
+        )
+        _check(
+            self.model.kind != "timeexpert" or self.data.frame_time_tokens or self.model.frame_tokens.time_embedding,
+            "data",
+            "frame_time_tokens",
+            self.data.frame_time_tokens,
+            "without frame time tokens the model needs model.frame_tokens.time_embedding=true to know when a "
+            "frame was shown",
         )
         _check(
             t.precision != "bf16"

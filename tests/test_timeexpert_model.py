@@ -507,3 +507,76 @@ def test_layout_comparison_catches_a_double_counted_replicated_gradient(layouts)
     errs = _grad_errors(ref["grads"], planted["grads"])
     assert errs["embedding.time_embeddings.weight"] == pytest.approx(1.0, rel=1e-4)
     assert planted["grad_norm"] > ref["grad_norm"] * (1 + 1e-4)
+
+
+# --- the frame head (per-frame relevance, our addition) ---------------------------------------------
+
+
+def _frame_head_run() -> dict:
+    from megatron_timeexpert.model.heads import FRAME_LOSS, timeexpert_loss_func
+    from megatron_timeexpert.model.timeexpert import TimeExpertModelConfig, build_timeexpert_model
+
+    cfg = tiny_config()
+    _init(cfg)
+    mcfg = TimeExpertModelConfig.from_config(cfg)
+    mcfg.frame_head = True
+    (model,) = build_timeexpert_model(cfg, mcfg)
+    b = make_batch()
+    # each frame's last position (its <sep>) gets a relevance target; everything else -1
+    frame_targets = torch.full(b["ids"].shape, -1.0)
+    ends = [[1 + 15 * k + 14 for k in range(2)] for _ in range(2)]
+    for i, (p0, p1) in enumerate(ends):
+        frame_targets[i, p0], frame_targets[i, p1] = float(i == 0), 1.0
+    out = model(
+        b["ids"], b["types"], b["position_ids"], None, visual=b["visual"], labels=b["labels"],
+        label_types=b["label_types"], loss_mask=b["loss_mask"], frame_targets=frame_targets,
+    )  # fmt: skip
+    weight = 0.5
+    loss_sum, num_tokens, report = timeexpert_loss_func(out, frame_weight=weight)
+    loss_sum.backward()
+    with torch.no_grad():
+        hidden = _forward(model, b, labels=False)  # [b, s, h]
+    return {
+        "out": out.detach(),
+        "loss_sum": float(loss_sum),
+        "num_tokens": int(num_tokens),
+        "report": {k: v.tolist() for k, v in report.items()},
+        "frame_key": FRAME_LOSS,
+        "hidden": hidden,
+        "w": model.frame_head.weight.detach().clone(),
+        "bias": model.frame_head.bias.detach().clone(),
+        "bias_grad": model.frame_head.bias.grad.clone(),
+        "targets": frame_targets,
+        "weight": weight,
+    }
+
+
+@pytest.fixture(scope="module")
+def frame_head():
+    return run_distributed(_frame_head_run, 1, timeout=180)[0]
+
+
+def test_frame_loss_is_the_binary_cross_entropy_at_frame_positions(frame_head):
+    """Hand computation from the final hidden states: z = h . w + b, loss = -[y log s(z) + (1-y) log(1-s(z))];
+    it enters loss_sum times its weight, not num_tokens; its gradient on the bias is w * sum(s(z) - y)."""
+    import math
+
+    r = frame_head
+    out, targets = r["out"], r["targets"]
+    bias_grad, total, count = 0.0, 0.0, 0
+    for i, j in (targets >= 0).nonzero().tolist():
+        z = float(r["hidden"][i, j].double() @ r["w"][0].double() + r["bias"].double())
+        y = float(targets[i, j])
+        p = 1 / (1 + math.exp(-z))
+        want = -(y * math.log(p) + (1 - y) * math.log(1 - p))
+        assert float(out[i, j, 2]) == pytest.approx(want, rel=1e-5, abs=1e-6)
+        total += want
+        count += 1
+        bias_grad += r["weight"] * (p - y)
+    assert float(out[..., 3].sum()) == count == 4 and float(out[..., 2][targets < 0].abs().max()) == 0.0
+    token_sum = float(out[..., 0].sum())
+    assert r["loss_sum"] == pytest.approx(token_sum + r["weight"] * total, rel=1e-6)
+    assert r["num_tokens"] == int((out[..., 1] >= 0).sum())  # frames are not loss tokens
+    assert r["report"][r["frame_key"]] == pytest.approx([total, 4.0], rel=1e-5)
+    assert r["report"]["lm loss"][0] == pytest.approx(r["loss_sum"], rel=1e-6)
+    assert float(r["bias_grad"]) == pytest.approx(bias_grad, rel=1e-4, abs=1e-7)

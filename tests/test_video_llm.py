@@ -132,6 +132,8 @@ class HandMadeVTG:
                     "label_types": t.label_types,
                     "loss_mask": t.loss_mask,
                     "frames": torch.cat(frames).to(torch.uint8),
+                    "frame_times": batch.frame_times.float(),
+                    "frame_targets": batch.frame_targets,
                     "sample_ids": list(batch.sample_ids),
                 }
             )
@@ -181,6 +183,9 @@ def video_config(workdir: Path, tokenizer: tuple[str, int], tp: int, pp: int, ep
             "model.vision.num_heads=2",
             "model.vision.intermediate_size=64",
             "model.vision.out_hidden=32",
+            "model.frame_loss_weight=1.0",
+            "model.frame_tokens.standardize=true",
+            "model.frame_tokens.time_embedding=true",
             "moe.router=timeexpert",
             "moe.num_experts=4",
             "moe.aux_loss_coeff=0.01",
@@ -205,11 +210,15 @@ def video_config(workdir: Path, tokenizer: tuple[str, int], tp: int, pp: int, ep
     )
 
 
-def _run(cfg: Config, tokenizer_path: str | None, probe: bool, save_first: bool) -> tuple[CheckedRun, dict]:
+def _run(
+    cfg: Config, tokenizer_path: str | None, probe: bool, save_first: bool, plant_sp: str | None = None
+) -> tuple[CheckedRun, dict]:
     """Rank side: train with the hand-made source; checksums of the final state; with ``probe``, what
     the freezing test needs (parameter values before/after, optimizer membership, freeze counts); with
     ``save_first``, the initial weights are saved as checkpoint ``iter_0000000`` before the first step.
-    ``tokenizer_path`` None: the source ``data.kind`` names (data/vtg_source.py on real videos)."""
+    ``tokenizer_path`` None: the source ``data.kind`` names (data/vtg_source.py on real videos).
+    ``plant_sp``: a planted error, the parameters whose name contains it are tagged ``sequence_parallel``
+    (megatron then sums their gradients over TP: wrong for a replicated head that sees the whole sequence)."""
     from megatron.core import parallel_state
 
     from megatron_timeexpert.train.checksum import state_checksums
@@ -217,11 +226,23 @@ def _run(cfg: Config, tokenizer_path: str | None, probe: bool, save_first: bool)
 
     trainer = Pretrainer(cfg, data=HandMadeVTG(tokenizer_path) if tokenizer_path else None)
     try:
+        planted = 0
+        for model in trainer.models if plant_sp else ():
+            for name, p in model.named_parameters():
+                if plant_sp in name:
+                    p.sequence_parallel = True
+                    planted += 1
+        if plant_sp:
+            count = torch.tensor([planted])
+            torch.distributed.all_reduce(count)  # the head lives on the last pipeline stage, not on rank 0
+            planted = int(count)
         named = [(n, p) for m in trainer.models for n, p in m.module.named_parameters()]
         before = {n: p.detach().clone() for n, p in named} if probe else {}
         info: dict = {"init": str(trainer.save()) if save_first else None}
         result = trainer.train()
-        info.update(freeze_counts=trainer.freeze_counts, data_calls=list(getattr(trainer.data, "calls", [])))
+        info.update(
+            freeze_counts=trainer.freeze_counts, data_calls=list(getattr(trainer.data, "calls", [])), planted=planted
+        )
         if probe:
             in_opt = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
             info["params"] = {
@@ -238,9 +259,14 @@ def _run(cfg: Config, tokenizer_path: str | None, probe: bool, save_first: bool)
 
 
 def train_video(
-    cfg: Config, world: int, tokenizer_path: str | None, probe: bool = False, save_first: bool = False
+    cfg: Config,
+    world: int,
+    tokenizer_path: str | None,
+    probe: bool = False,
+    save_first: bool = False,
+    plant_sp: str | None = None,
 ) -> tuple[CheckedRun, dict]:
-    return run_distributed(_run, world, args=(cfg, tokenizer_path, probe, save_first), timeout=300)[0]
+    return run_distributed(_run, world, args=(cfg, tokenizer_path, probe, save_first, plant_sp), timeout=300)[0]
 
 
 def _from_init(workdir, tokenizer, ckpt, tp, pp, ep, *overrides) -> Config:
@@ -296,12 +322,25 @@ def test_layout_invariance_whole_model(workdir, tokenizer, init_ckpt, reference)
     assert bad == [], "\n".join(bad)
     vision = [k for k in reference.checksums if ".vision." in f".{k}" or k.startswith("vision.")]
     assert any("vit" in k for k in vision) and any("projector" in k for k in vision), sorted(reference.checksums)[:20]
+    # the per-frame relevance loss and its parts (frame head on the last stage, frame tokens on the first)
+    assert any(k.startswith("lm.frame_head.") for k in reference.checksums)
+    assert any(k.startswith("frame_tokens.") for k in reference.checksums)
     for m_run, m_ref in zip(run.result.metrics, reference.result.metrics):
-        for key in ("loss/text", "loss/time", "loss/score"):
+        assert m_ref["loss_tokens/frame"] == GLOBAL_BATCH * FRAMES and m_ref["loss/frame"] > 0
+        for key in ("loss/text", "loss/time", "loss/score", "loss/frame", "loss_tokens/frame"):
             assert math.isclose(m_run[key], m_ref[key], rel_tol=RTOL), (key, m_run[key], m_ref[key])
     assert info["data_calls"] == [0, GLOBAL_BATCH, 2 * GLOBAL_BATCH]
     # the loss moves: the run trains something (a frozen or detached model would repeat its loss)
     assert reference.result.losses[0] != reference.result.losses[-1]
+
+
+def test_layout_invariance_twin_catches_a_frame_head_summed_over_tp(workdir, tokenizer, init_ckpt, reference):
+    """The same comparison with a planted error: the frame head tagged ``sequence_parallel`` (its gradient
+    summed over the TP group although every TP rank already holds the complete gradient) at (2,2,2)."""
+    run, info = train_video(_from_init(workdir, tokenizer, init_ckpt, 2, 2, 2), 4, tokenizer[0], plant_sp="frame_head")
+    bad = mismatches(run, reference, rtol=RTOL, ignore=ZERO_GRAD_PARAMS)
+    assert info["planted"] == 2 * 2  # weight and bias on the 2 TP ranks of the last stage
+    assert any("grad norm" in b for b in bad) and any("frame_head" in b for b in bad), bad
 
 
 def test_per_head_losses_sum_to_total(reference):
@@ -309,7 +348,9 @@ def test_per_head_losses_sum_to_total(reference):
         heads = ("text", "time", "score")
         assert all(m[f"loss_tokens/{h}"] > 0 for h in heads), m
         assert sum(m[f"loss_tokens/{h}"] for h in heads) == m["loss_tokens"]
+        # the objective per loss token: every head's summed losses plus the weighted (1.0) frame losses
         weighted = sum(m[f"loss/{h}"] * m[f"loss_tokens/{h}"] for h in heads)
+        weighted += 1.0 * m["loss/frame"] * m["loss_tokens/frame"]
         assert math.isclose(weighted, m["loss"] * m["loss_tokens"], rel_tol=1e-6), m  # float32 sums in two orders
         # data wait time is reported on every logged step
         assert m["data_wait_s"] > 0 and 0 < m["data_wait_frac"] < 1, m

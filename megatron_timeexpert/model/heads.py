@@ -21,10 +21,18 @@ Who owns what under tensor parallelism (TP) with sequence parallelism:
   own position embeddings. Megatron's grad norm counts them once (``param_is_not_tensor_parallel_duplicate``:
   TP rank 0 only).
 
-The loss tensor (:func:`per_head_loss`) is ``[b, s, 2]`` float: ``[..., 0]`` the masked per-token
-loss, ``[..., 1]`` the :class:`Head` id that produced it (``-1``: the position does not count). The
-schedule's ``loss_func`` (:func:`timeexpert_loss_func`) turns it into megatron's per-token
-``(loss_sum, num_tokens, report)`` with one ``[sum, count]`` entry per head.
+- :class:`FrameHead` (only with ``model.frame_loss_weight > 0``, our addition) is replicated in the
+  same way: ``h -> 1`` relevance logit per position, read at each frame's last position.
+
+The loss tensor (:func:`per_head_loss`) is ``[b, s, 4]`` float: ``[..., 0]`` the masked per-token
+loss, ``[..., 1]`` the :class:`Head` id that produced it (``-1``: the position does not count),
+``[..., 2]`` the frame head's binary cross entropy at a frame position (0 elsewhere) and ``[..., 3]``
+1 where a frame target counts. A position can carry both a token loss and a frame loss (the last frame's
+last position predicts the first answer token when the query comes first). The schedule's ``loss_func``
+(:func:`timeexpert_loss_func`) turns it into megatron's per-token ``(loss_sum, num_tokens, report)``
+with one ``[sum, count]`` entry per head; the frame term joins ``loss_sum`` times its weight but not
+``num_tokens`` (megatron divides by the LOSS TOKENS of the global batch, so the objective is
+``(sum of token losses + w * sum of frame losses) / loss tokens``).
 """
 
 from __future__ import annotations
@@ -56,6 +64,8 @@ class Head(IntEnum):
 
 HEAD_NAMES = {Head.TEXT: "text loss", Head.TIME: "time loss", Head.SCORE: "score loss"}
 """Report keys of the per-head losses (``timeexpert_loss_func``)."""
+FRAME_LOSS = "frame loss"
+"""Report key of the frame head's loss: ``[sum of binary cross entropies, frames]`` (unweighted)."""
 
 
 def head_of_type(types: torch.Tensor) -> torch.Tensor:
@@ -85,6 +95,21 @@ class NumberHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.weight)
+
+
+class FrameHead(nn.Module):
+    """``[..., h] -> [...]`` per-position relevance logit of the frame head: one replicated linear with a
+    bias (initialised to 0: the frame loss starts at log 2 for every frame)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1, config.hidden_size, dtype=config.params_dtype))
+        self.bias = nn.Parameter(torch.zeros(1, dtype=config.params_dtype))
+        if config.perform_initialization:
+            config.init_method(self.weight)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight, self.bias).squeeze(-1)
 
 
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
@@ -155,14 +180,19 @@ def per_head_loss(
     labels: torch.Tensor,
     label_types: torch.Tensor,
     loss_mask: torch.Tensor | None,
+    frame_logits: torch.Tensor | None = None,
+    frame_targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The ``[b, s, 2]`` loss tensor (module docstring) of one microbatch.
+    """The ``[b, s, 4]`` loss tensor (module docstring) of one microbatch.
 
     ``text_logits [s, b, V_p / tp]`` (this rank's vocabulary shard), ``time_logits`` and
     ``score_logits [s, b, 13]`` (whole sequence), ``labels``/``label_types``/``loss_mask [b, s]``:
     the id and type of the token each position predicts, and whether it counts (None: every
     non-VISUAL target counts). Each position's loss is the cross entropy of the head of its
     target's type; the other heads' losses at that position are computed and discarded (no gradient).
+    ``frame_logits [s, b]`` (whole sequence) and ``frame_targets [b, s]`` (0/1 at frame positions, -1
+    elsewhere; NOT shifted): the frame head's binary cross entropy where the target is >= 0; both None:
+    no frame loss (zeros).
     """
     from megatron.core import tensor_parallel
 
@@ -182,27 +212,44 @@ def per_head_loss(
     zero = torch.zeros_like(text)
     loss = torch.where(
         h == Head.TEXT, text, torch.where(h == Head.TIME, time, torch.where(h == Head.SCORE, score, zero))
-    )
-    return torch.stack([loss.t(), head.to(loss.dtype)], dim=-1).contiguous()
+    ).t()
+    frame, counted = torch.zeros_like(loss), torch.zeros_like(loss)
+    if (frame_logits is None) != (frame_targets is None):
+        raise ValueError("per_head_loss: frame_logits and frame_targets go together")
+    if frame_logits is not None:
+        if frame_targets.shape != labels.shape:
+            raise ValueError(f"per_head_loss: frame_targets {tuple(frame_targets.shape)} must be [b, s] like labels")
+        target = frame_targets.to(loss.dtype)
+        counted = (target >= 0).to(loss.dtype)
+        bce = F.binary_cross_entropy_with_logits(frame_logits.t().float(), target.clamp(min=0.0), reduction="none")
+        frame = bce * counted
+    return torch.stack([loss, head.to(loss.dtype), frame, counted], dim=-1).contiguous()
 
 
 def head_sums(output: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``[sum, count]`` (float, detached) of the counted token losses of each head in a loss tensor."""
+    """``[sum, count]`` (float, detached) of the counted token losses of each head in a loss tensor, and
+    of the frame losses (:data:`FRAME_LOSS`, unweighted)."""
     loss, head = output[..., 0].detach().float(), output[..., 1]
     out = {}
     for h, name in HEAD_NAMES.items():
         sel = head == h
         out[name] = torch.stack([loss[sel].sum(), sel.sum().to(loss.dtype)])
+    out[FRAME_LOSS] = torch.stack([output[..., 2].detach().float().sum(), output[..., 3].detach().float().sum()])
     return out
 
 
-def timeexpert_loss_func(output: torch.Tensor):
-    """megatron's ``loss_func`` for the ``[b, s, 2]`` loss tensor with ``calculate_per_token_loss``:
-    ``(loss_sum, num_tokens, report)``; ``report`` holds ``"lm loss"`` (all heads) and one
-    ``"<head> loss"`` entry per head, each ``[sum, count]``, so the trainer can report one loss per head."""
+def timeexpert_loss_func(output: torch.Tensor, frame_weight: float = 0.0):
+    """megatron's ``loss_func`` for the ``[b, s, 4]`` loss tensor with ``calculate_per_token_loss``:
+    ``(loss_sum, num_tokens, report)``. ``loss_sum`` = the token losses plus ``frame_weight`` times the
+    frame losses; ``num_tokens`` counts the token losses only. ``report`` holds ``"lm loss"`` (that
+    objective over the loss tokens) and one ``"<head> loss"`` entry per head plus ``"frame loss"``, each
+    ``[sum, count]``, so the trainer can report one loss per head (bind ``frame_weight`` with
+    ``functools.partial``)."""
     loss, head = output[..., 0].float(), output[..., 1]
     counted = head >= 0
     loss_sum = loss.sum()
+    if frame_weight:
+        loss_sum = loss_sum + frame_weight * output[..., 2].float().sum()
     num_tokens = counted.sum().to(torch.int)
     report = {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()]), **head_sums(output)}
     return loss_sum, num_tokens, report

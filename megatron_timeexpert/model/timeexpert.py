@@ -12,7 +12,9 @@ One :class:`TimeExpertModel` per (virtual) pipeline stage, built like megatron's
   train/pretrain.py, so every router sees VISUAL/TEXT/TIME/SCORE (moe/layer.py).
 - Last stage: the block's final norm, then the text head (vocab-parallel), the time head and the
   score head (replicated, h -> 13); each position is scored by the head of its TARGET's type
-  (tokens.md). See :mod:`megatron_timeexpert.model.heads` for the loss tensor and who owns what.
+  (tokens.md). With ``frame_head`` a replicated ``h -> 1`` frame head scores each frame's last position
+  (per-frame relevance, our addition; heads.py). See :mod:`megatron_timeexpert.model.heads` for the
+  loss tensor and who owns what.
 
 Targets: ``labels[b, i]`` / ``label_types[b, i]`` are the id and type of position ``i + 1``, and
 ``loss_mask[b, i]`` says whether that target counts (tokens.md: the response tokens and the final
@@ -38,6 +40,7 @@ from torch import Tensor
 from megatron_timeexpert.config import Config
 from megatron_timeexpert.model.gpt import block_spec, layer_backend, model_chunks
 from megatron_timeexpert.model.heads import (
+    FrameHead,
     Head,
     NumberHead,
     TextHead,
@@ -63,10 +66,16 @@ class TimeExpertModelConfig:
     (layout-independent; must split over TP); padded entries are never predicted."""
     check_inputs: bool = True
     """Check ids/types/visual counts of every first-stage forward (clear errors; one host sync)."""
+    frame_head: bool = False
+    """Build the per-frame relevance head on the last stage (``model.frame_loss_weight > 0``)."""
 
     @classmethod
     def from_config(cls, cfg: Config) -> TimeExpertModelConfig:
-        return cls(text_vocab_size=cfg.model.vocab_size, max_sequence_length=cfg.model.seq_length)
+        return cls(
+            text_vocab_size=cfg.model.vocab_size,
+            max_sequence_length=cfg.model.seq_length,
+            frame_head=cfg.model.frame_loss_weight > 0,
+        )
 
 
 @dataclass
@@ -227,6 +236,7 @@ class TimeExpertModel(MegatronModule):
             self.text_head.linear.weight.is_embedding_or_output_parameter = True
             self.time_head = NumberHead(config)
             self.score_head = NumberHead(config)
+            self.frame_head = FrameHead(config) if mcfg.frame_head else None
         self.model_type = _encoder_or_decoder()
         # Token types go to our MoE layers only: megatron's own MoE layer (moe.router 'megatron')
         # would read padding_mask as a padding mask (as train/pretrain.py, which passes none then).
@@ -253,10 +263,13 @@ class TimeExpertModel(MegatronModule):
         label_types: Tensor | None = None,
         loss_mask: Tensor | None = None,
         inference_context=None,
+        frame_targets: Tensor | None = None,
     ) -> Tensor:
         """``ids, types, position_ids [b, s]``; ``visual [b, n_vis, h]`` (first stage; None when the
         samples have no VISUAL positions); ``attention_mask`` None = causal; ``labels``,
-        ``label_types``, ``loss_mask [b, s]`` (last stage; see the module docstring).
+        ``label_types``, ``loss_mask [b, s]`` (last stage; see the module docstring);
+        ``frame_targets [b, s]`` (last stage, with a frame head: per-frame relevance at each frame's last
+        position, -1 elsewhere; ignored without a frame head).
 
         ``inference_context``: megatron's ``StaticInferenceContext`` (KV cache) for generation, passed
         to the ``TransformerBlock``. The caller feeds the prompt once (prefill, ``sequence_len_offset``
@@ -291,7 +304,21 @@ class TimeExpertModel(MegatronModule):
             raise ValueError("TimeExpertModel.forward: labels need label_types (the type of each target)")
         text_logits = self.text_head(hidden)
         full = self._full_sequence(hidden)
-        return per_head_loss(text_logits, self.time_head(full), self.score_head(full), labels, label_types, loss_mask)
+        frame_logits = None
+        if self.frame_head is not None and frame_targets is not None:
+            frame_logits = self.frame_head(full)
+        else:
+            frame_targets = None
+        return per_head_loss(
+            text_logits,
+            self.time_head(full),
+            self.score_head(full),
+            labels,
+            label_types,
+            loss_mask,
+            frame_logits,
+            frame_targets,
+        )
 
     def _full_sequence(self, hidden: Tensor) -> Tensor:
         """``[s/tp, b, h] -> [s, b, h]`` under sequence parallelism (all-gather; the backward takes this

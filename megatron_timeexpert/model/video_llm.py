@@ -10,8 +10,12 @@
   None. Frames ``[b*F, H, W, 3]`` uint8 (sample-major, frame order; interface 1 of the data source)
   become ``[b*F, 8, h]`` slot tokens, reshaped to ``visual [b, F*8, h]``: the k-th VISUAL position of
   a sample takes row k (frame-major, slot order), as the token contract lays them out.
+- ``frame_tokens`` (:class:`~megatron_timeexpert.model.frame_tokens.FrameTokens`, first stage, when
+  ``model.frame_tokens`` enables a step): per-video standardisation of the slot tokens and the
+  frame-time embedding, between the tower and the decoder (needs the frames' times, ``frame_times``).
 - ``lm`` (:class:`~megatron_timeexpert.model.timeexpert.TimeExpertModel`): embeddings, MoE decoder,
-  text/time/score heads; the token types reach the routers through its ``padding_mask``.
+  text/time/score heads (and the frame head); the token types reach the routers through its
+  ``padding_mask``.
 
 Parallelism. The vision tower is REPLICATED over the tensor-parallel group: every TP rank runs it on
 all frames of its microbatch and feeds the whole ``visual`` tensor to the embedding, which builds the
@@ -37,6 +41,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
 from megatron_timeexpert.config import Config, ConfigError
+from megatron_timeexpert.model.frame_tokens import FrameTokens
 from megatron_timeexpert.model.timeexpert import TimeExpertModel, TimeExpertModelConfig, build_timeexpert_model
 from megatron_timeexpert.model.vision import VisionTower
 
@@ -55,11 +60,16 @@ class TimeExpertVideoLLM(MegatronModule):
     ``lm.*`` (the decoder's own sharding).
     """
 
-    def __init__(self, config, lm: TimeExpertModel, vision: VisionTower | None):
+    def __init__(
+        self, config, lm: TimeExpertModel, vision: VisionTower | None, frame_tokens: FrameTokens | None = None
+    ):
         super().__init__(config=config)
         if vision is not None and not lm.pre_process:
             raise ValueError("TimeExpertVideoLLM: the vision tower belongs to the first pipeline stage only")
+        if frame_tokens is not None and vision is None:
+            raise ValueError("TimeExpertVideoLLM: frame_tokens sit with the vision tower (first stage only)")
         self.vision = vision
+        self.frame_tokens = frame_tokens
         self.lm = lm
         self.pre_process = lm.pre_process
         self.post_process = lm.post_process
@@ -71,8 +81,9 @@ class TimeExpertVideoLLM(MegatronModule):
         """The previous pipeline stage's output goes to the decoder (megatron's contract)."""
         self.lm.set_input_tensor(input_tensor)
 
-    def encode_frames(self, frames: Tensor, batch_size: int) -> Tensor:
-        """Frames ``[b*F, H, W, 3]`` uint8 (or ``[b*F, 3, H, W]`` float) -> ``visual [b, F*slots, h]``."""
+    def encode_frames(self, frames: Tensor, batch_size: int, frame_times: Tensor | None = None) -> Tensor:
+        """Frames ``[b*F, H, W, 3]`` uint8 (or ``[b*F, 3, H, W]`` float) and their presentation times
+        ``frame_times [b, F]`` (seconds; needed by ``frame_tokens``) -> ``visual [b, F*slots, h]``."""
         if self.vision is None:
             raise RuntimeError("TimeExpertVideoLLM.encode_frames: only the first pipeline stage has the vision tower")
         if frames.shape[0] % batch_size:
@@ -81,7 +92,10 @@ class TimeExpertVideoLLM(MegatronModule):
                 "(frames must be [b*F, ...], sample-major)"
             )
         tokens = self.vision(frames)  # [b*F, slots, h], row n from frame n only
-        return tokens.reshape(batch_size, -1, tokens.shape[-1])
+        if self.frame_tokens is None:
+            return tokens.reshape(batch_size, -1, tokens.shape[-1])
+        per_video = tokens.reshape(batch_size, frames.shape[0] // batch_size, *tokens.shape[1:])
+        return self.frame_tokens(per_video, frame_times)
 
     def forward(
         self,
@@ -93,12 +107,19 @@ class TimeExpertVideoLLM(MegatronModule):
         label_types: Tensor | None = None,
         loss_mask: Tensor | None = None,
         inference_context=None,
+        frame_times: Tensor | None = None,
+        frame_targets: Tensor | None = None,
     ) -> Tensor:
-        """As :meth:`TimeExpertModel.forward`, with ``frames`` instead of ``visual`` (read on the first
-        stage only; other stages ignore them). Causal attention."""
+        """As :meth:`TimeExpertModel.forward`, with ``frames`` and ``frame_times [b, F]`` instead of
+        ``visual`` (read on the first stage only; other stages ignore them), and ``frame_targets [b, s]``
+        for the frame head (last stage). Causal attention."""
         visual = None
         if self.vision is not None and frames is not None:
-            visual = self.encode_frames(frames, ids.shape[0])
+            visual = self.encode_frames(frames, ids.shape[0], frame_times)
+        if frame_targets is not None:
+            extra_targets = {"frame_targets": frame_targets}
+        else:
+            extra_targets = {}
         extra = {} if inference_context is None else {"inference_context": inference_context}
         return self.lm(
             ids,
@@ -110,17 +131,23 @@ class TimeExpertVideoLLM(MegatronModule):
             label_types=label_types,
             loss_mask=loss_mask,
             **extra,
+            **extra_targets,
         )
 
 
-def build_vision_tower(cfg: Config) -> VisionTower:
-    """The vision tower of ``model.vision``, initialised from ``training.seed`` alone (module docstring)."""
+def build_vision_tower(cfg: Config) -> tuple[VisionTower, FrameTokens | None]:
+    """The vision tower of ``model.vision`` and the frame-token module of ``model.frame_tokens`` (None
+    when both of its steps are off), initialised from ``training.seed`` alone (module docstring)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.training.seed + VISION_SEED_OFFSET)
         tower = VisionTower(cfg.model.vision)
+        ft = cfg.model.frame_tokens
+        frame_tokens = FrameTokens(ft, cfg.model.hidden_size, cfg.model.init_method_std) if ft.enabled else None
     if torch.cuda.is_available():
         tower.cuda(torch.cuda.current_device())
-    return tower
+        if frame_tokens is not None:
+            frame_tokens.cuda(torch.cuda.current_device())
+    return tower, frame_tokens
 
 
 def check_vocab(cfg: Config) -> None:
@@ -153,9 +180,16 @@ def build_video_llm(cfg: Config, mcfg: TimeExpertModelConfig | None = None) -> l
     chunks = []
     for lm in build_timeexpert_model(cfg, mcfg):
         # pre_process: the first virtual stage of pipeline rank 0 only
-        vision = build_vision_tower(cfg) if lm.pre_process else None
-        chunks.append(TimeExpertVideoLLM(lm.config, lm, vision))
+        vision, frame_tokens = build_vision_tower(cfg) if lm.pre_process else (None, None)
+        chunks.append(TimeExpertVideoLLM(lm.config, lm, vision, frame_tokens))
     if torch.distributed.get_rank() == 0 and chunks[0].vision is not None:
         n = sum(p.numel() for p in chunks[0].vision.parameters())
         log.info("video LLM: vision tower on the first pipeline stage, %d parameters (replicated over TP)", n)
+        ft = cfg.model.frame_tokens
+        log.info(
+            "video LLM: visual tokens %s, %s; frame loss weight %g",
+            "standardised per slot over each video's frames" if ft.standardize else "as the tower gives them",
+            "plus a frame-time embedding" if ft.time_embedding else "no frame-time embedding",
+            cfg.model.frame_loss_weight,
+        )
     return chunks

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -65,40 +66,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _vision_config(cfg):
-    from megatron_timeexpert.model.vision import VisionConfig
+def build_predict_model(cfg) -> tuple[list[torch.nn.Module], Callable, torch.nn.Module]:
+    """``(chunks to load the checkpoint into, encode, decoder)`` at the initialised layout (PP = 1):
+    the trainer's ``TimeExpertVideoLLM`` (model/video_llm.py), so checkpoint keys match what training
+    saved, and ``encode(frames [F, H, W, 3], times [F]) -> visual [F * 8, h]`` for one video: the vision
+    tower and the frame-token step exactly as training runs them."""
+    from megatron_timeexpert.model.video_llm import build_video_llm
 
-    v = getattr(cfg.model, "vision", None)
-    if v is None:
-        v = VisionConfig(out_hidden=cfg.model.hidden_size)
-    elif isinstance(v, dict):
-        v = VisionConfig(**v)
-    return replace(v, out_hidden=cfg.model.hidden_size)
+    chunks = build_video_llm(cfg)
+    video = chunks[0]
 
+    def encode(frames: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        times = torch.as_tensor(times, dtype=torch.float32, device=frames.device).reshape(1, -1)
+        return video.encode_frames(frames, 1, times)[0]
 
-def build_predict_model(cfg) -> tuple[list[torch.nn.Module], torch.nn.Module, torch.nn.Module]:
-    """``(chunks to load the checkpoint into, vision tower, decoder)`` at the initialised layout (PP = 1).
-
-    Uses the trainer's ``TimeExpertVideoLLM`` (model/video_llm.py) when it exists, so checkpoint keys
-    match what training saved; otherwise an equivalent holder with the same ``vision`` / ``lm``
-    attributes."""
-    try:
-        from megatron_timeexpert.model.video_llm import build_video_llm
-    except ImportError:
-        build_video_llm = None
-    if build_video_llm is not None:
-        chunks = build_video_llm(cfg)
-        return chunks, chunks[0].vision, chunks[0].lm
-    from megatron.core.transformer.module import MegatronModule
-
-    from megatron_timeexpert.model.timeexpert import build_timeexpert_model
-    from megatron_timeexpert.model.vision import VisionTower
-
-    (lm,) = build_timeexpert_model(cfg)
-    holder = MegatronModule(config=lm.config)
-    holder.vision = VisionTower(_vision_config(cfg)).to(next(lm.parameters()).device)
-    holder.lm = lm
-    return [holder], holder.vision, lm
+    return chunks, encode, video.lm
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -196,7 +178,8 @@ def run_predict(args, cfg) -> int:
     if getattr(cfg.model, "kind", "timeexpert") != "timeexpert":
         raise ValueError(f"{args.config}: model.kind is {cfg.model.kind!r}; predict needs a 'timeexpert' model")
     tok = _tokenizer(args, cfg)
-    chunks, vision, lm = build_predict_model(cfg)
+    chunks, encode, lm = build_predict_model(cfg)
+    seq_cfg = cfg.data.sequence_config()
     ckpt = resolve_checkpoint(args.checkpoint)
     load_checkpoint(ckpt, chunks)
     for c in chunks:
@@ -241,16 +224,18 @@ def run_predict(args, cfg) -> int:
                     continue
                 q.duration = float(s.duration if s.duration is not None else fs.duration)
                 frames = resize_frames(fs.frames, frame_size) if frame_size else fs.frames  # as the training source
-                visual = vision(frames.to(device)).flatten(0, 1)  # [N * 8, h]
+                visual = encode(frames.to(device), fs.timestamps)  # [N * 8, h]
                 kinds = [("mr", s)]
                 if args.task == "qvhighlights":
                     hd = replace(s, task=Task.HIGHLIGHT_DETECTION, sample_id=s.sample_id[:-2] + "hd")
                     kinds.append(("hd", hd))
                 for kind, sample in kinds:
-                    t = vtg.tokenize_sample(sample, fs.timestamps, tok, with_response=False)
+                    t = vtg.tokenize_sample(sample, fs.timestamps, tok, seq_cfg, with_response=False)
                     prompts.append(Prompt(sample.sample_id, t.ids, t.types, visual))
                     where.append((q, kind))
-        outcomes = predict_prompts(lm, prompts, tok, gcfg, args.batch_size, stats, index_offset=n_prompts)
+        outcomes = predict_prompts(
+            lm, prompts, tok, gcfg, args.batch_size, stats, index_offset=n_prompts, numbers=seq_cfg.numbers
+        )
         n_prompts += len(prompts)
         for (q, kind), o in zip(where, outcomes):
             setattr(q, kind, o)
@@ -274,37 +259,47 @@ def run_predict(args, cfg) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def init_inference(config: str, overrides: list[str]):
+    """Load ``config`` for a run that only evaluates a model (predict, diagnose) and start its process
+    groups: PP = 1 (the whole decoder on a rank); one process means TP = EP = 1, under a launcher the
+    recipe's TP/EP or ``parallel.*`` overrides (given last, they win). Training batch sizes are set to
+    fit any data-parallel size. ConfigError (before any process group exists) on a bad setting."""
     import torch.distributed as dist
 
-    from megatron_timeexpert.config import ConfigError, load_config
+    from megatron_timeexpert.config import load_config
     from parallel.cpu_compat import apply_cpu_shims
     from parallel.env import discover, init_distributed
 
     dist_env = discover()
-    # The recipe's layout is the training one; predict runs at PP = 1, and one process means TP = EP = 1
-    # (overrides given on the command line come last and win).
     layout = ["parallel.pp=1", "parallel.vpp=null"]
     if dist_env.world_size == 1:
         layout += ["parallel.tp=1", "parallel.ep=1", "parallel.etp=1"]
-    try:
-        cfg = load_config(args.config, [*layout, *args.overrides])
-    except ConfigError as e:
-        print(f"timeexpert predict: configuration error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(config, [*layout, *overrides])
     init_distributed(dist_env, timeout_s=cfg.parallel.collective_timeout_s)
-    # Training batch sizes mean nothing here; make them fit any data-parallel size so validation passes.
     cfg.training.micro_batch_size = 1
     cfg.training.global_batch_size = dist_env.world_size
     try:
         cfg.validate(dist_env.world_size)
-    except ConfigError as e:
-        print(f"timeexpert predict: configuration error: {e}", file=sys.stderr)
-        return 2
+    except Exception:
+        dist.destroy_process_group()
+        raise
     if not torch.cuda.is_available():
         apply_cpu_shims()
     cfg.parallel.initialize(cfg.training.seed)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    import torch.distributed as dist
+
+    from megatron_timeexpert.config import ConfigError
+
+    try:
+        cfg = init_inference(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"timeexpert predict: configuration error: {e}", file=sys.stderr)
+        return 2
     try:
         return run_predict(args, cfg)
     except (ValueError, FileNotFoundError) as e:

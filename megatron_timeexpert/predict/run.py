@@ -77,9 +77,10 @@ class PredictStats:
         )
 
 
-def outcome_of(key: str, gen: Generated, text: E.TextVocab) -> Outcome:
-    """Parse one generation; malformed (any problem, or no EOS) -> no events and the first reason."""
-    parsed = E.parse_response(gen.ids, gen.types, text)
+def outcome_of(key: str, gen: Generated, text: E.TextVocab, numbers: E.NumberFormat = E.TRACE_NUMBERS) -> Outcome:
+    """Parse one generation (times in ``numbers``' format); malformed (any problem, or no EOS) -> no
+    events and the first reason."""
+    parsed = E.parse_response(gen.ids, gen.types, text, numbers)
     reason = parsed.reason
     if reason is None and not gen.finished:
         reason = E.NO_EOS
@@ -95,11 +96,13 @@ def predict_prompts(
     stats: PredictStats | None = None,
     progress: Callable[[int], None] | None = None,
     index_offset: int = 0,
+    numbers: E.NumberFormat = E.TRACE_NUMBERS,
 ) -> list[Outcome]:
     """Generate for every prompt (batches of equal prompt length) and parse; outcomes in input order.
     Sampling seeds are per prompt (``gcfg.seed`` + ``index_offset`` + its index here), so batching
-    (and chunking, with the offset) changes no token."""
-    grammar = E.ResponseGrammar.for_vocab(text)
+    (and chunking, with the offset) changes no token. Times are written in ``numbers``' format (the
+    training data's, ``data.time_digits``)."""
+    grammar = E.ResponseGrammar.for_vocab(text, numbers)
     out: list[Outcome | None] = [None] * len(prompts)
     device = next(model.parameters()).device
     for bucket in length_buckets([int(p.ids.numel()) for p in prompts], batch_size):
@@ -121,7 +124,7 @@ def predict_prompts(
         if stats is not None:
             stats.seconds += time.perf_counter() - t0
         for i, g in zip(bucket, gens):
-            out[i] = outcome_of(prompts[i].key, g, text)
+            out[i] = outcome_of(prompts[i].key, g, text, numbers)
             if stats is not None:
                 stats.samples += 1
                 stats.tokens += len(g.ids)

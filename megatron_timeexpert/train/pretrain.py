@@ -13,8 +13,9 @@ all-reduce per step (plus an all_gather_object of MoE metrics on logging steps).
 Models and data by config: ``model.kind: gpt`` (megatron's GPTModel on ``data.kind:
 synthetic_tokens``) or ``timeexpert`` (model/video_llm.py: vision tower + TimeExpert decoder on
 ``data.kind: synthetic_vtg``, interface 1 microbatches with frames; loss = heads.timeexpert_loss_func,
-and the metrics add ``loss/text``, ``loss/time``, ``loss/score`` with their token counts
-``loss_tokens/*``, reduced over the global batch in the same all-reduce as the loss).
+and the metrics add ``loss/text``, ``loss/time``, ``loss/score`` and ``loss/frame`` (the per-frame
+relevance loss, unweighted, per frame) with their counts ``loss_tokens/*``, reduced over the global
+batch in the same all-reduce as the loss).
 ``training.freeze`` patterns freeze parameters before DDP and the optimizer exist. Every logged step
 reports ``data_wait_s`` (seconds per step spent in the data source's ``microbatches`` call, the
 slowest rank, averaged over the logging interval) and ``data_wait_frac`` (that / step time). A data
@@ -28,6 +29,7 @@ import logging
 import resource
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -91,14 +93,19 @@ def _forward_step(data_iterator, model):
     return output, _loss_func
 
 
-def _video_forward_step(data_iterator, model):
-    """One interface-1 microbatch through one chunk of the video LLM (model/video_llm.py): frames go
-    to the vision tower on the first stage (other stages ignore them), token types reach the routers
-    through the decoder's ``padding_mask``; the last stage returns heads.py's ``[b, s, 2]`` loss tensor."""
+def _video_forward_step(data_iterator, model, frame_loss_weight: float = 0.0):
+    """One interface-1 microbatch through one chunk of the video LLM (model/video_llm.py): frames and
+    their times go to the vision tower on the first stage (other stages ignore them), token types reach
+    the routers through the decoder's ``padding_mask``; the last stage returns heads.py's ``[b, s, 4]``
+    loss tensor (token losses and, with a frame head, the per-frame relevance loss weighted by
+    ``frame_loss_weight``; bind it with ``functools.partial``)."""
+    from functools import partial
+
     from megatron_timeexpert.model.heads import timeexpert_loss_func
 
     batch = next(data_iterator)
     device = next(model.parameters()).device
+    optional = {k: batch[k].to(device) for k in ("frame_times", "frame_targets") if batch.get(k) is not None}
     output = model(
         batch["ids"].to(device),
         batch["types"].to(device),
@@ -107,11 +114,12 @@ def _video_forward_step(data_iterator, model):
         labels=batch["labels"].to(device),
         label_types=batch["label_types"].to(device),
         loss_mask=batch["loss_mask"].to(device),
+        **optional,
     )
-    return output, timeexpert_loss_func
+    return output, partial(timeexpert_loss_func, frame_weight=frame_loss_weight)
 
 
-HEAD_LOSSES = {"text loss": "text", "time loss": "time", "score loss": "score"}
+HEAD_LOSSES = {"text loss": "text", "time loss": "time", "score loss": "score", "frame loss": "frame"}
 """Per-head report keys of heads.timeexpert_loss_func -> metric suffix (``loss/text`` ...)."""
 
 
@@ -178,7 +186,10 @@ class Pretrainer:
         torch.manual_seed(cfg.training.seed)
         self.tconfig = transformer_config(cfg)
         self.video = cfg.model.kind == "timeexpert"
-        self.forward_step = _video_forward_step if self.video else _forward_step
+        if self.video:
+            self.forward_step = partial(_video_forward_step, frame_loss_weight=cfg.model.frame_loss_weight)
+        else:
+            self.forward_step = _forward_step
         self.loss_keys = ("lm loss", *HEAD_LOSSES) if self.video else ("lm loss",)
         """Report keys of the loss func reduced over the global batch every step."""
         chunks = self._build()
@@ -279,7 +290,8 @@ class Pretrainer:
                 wrap_bf16(
                     chunk,
                     self.tconfig,
-                    keep=[m.router for m in _moe_layers(chunk)] + [v for v in [getattr(chunk, "vision", None)] if v],
+                    keep=[m.router for m in _moe_layers(chunk)]
+                    + [v for v in [getattr(chunk, "vision", None), getattr(chunk, "frame_tokens", None)] if v],
                 )
                 for chunk in chunks
             ]
@@ -388,6 +400,9 @@ class Pretrainer:
             num_workers=d.num_workers,
             decode_timeout_s=d.decode_timeout_s,
             cache_dir=d.cache_dir or "",
+            query_first=d.query_first,
+            frame_time_tokens=d.frame_time_tokens,
+            time_digits=d.time_digits,
         )
         try:
             scfg.validate()
