@@ -88,3 +88,34 @@ def charades_metrics(gt: list[MomentQuery], preds: list[MomentPrediction]) -> di
     out["num_empty_predictions"] = float(sum(p is not None and not p.windows for p in matched.predictions))
     out["num_unmatched_predictions"] = float(len(matched.unmatched))
     return out
+
+
+def event_indices(gt: list[MomentQuery]) -> list[int]:
+    """Each query's event index in its video: the rank of its (first) window's start among the distinct
+    ground-truth windows of the same video (0 = the video's first event)."""
+    starts: dict[str, list[float]] = defaultdict(list)
+    for q in gt:
+        starts[q.vid].append(q.windows[0][0])
+    ranked = {vid: sorted(set(v)) for vid, v in starts.items()}
+    return [ranked[q.vid].index(q.windows[0][0]) for q in gt]
+
+
+def charades_by_event_index(gt: list[MomentQuery], preds: list[MomentPrediction]) -> dict[str, dict[str, float]]:
+    """R@1 and mIoU (percent) separately for the queries about a video's FIRST event and about its LATER
+    events (:func:`event_indices`): a model that answers "near the start" scores well on the first and
+    near zero on the later ones. ``{"first": {...}, "later": {...}}``, each with ``num_queries``."""
+    ious = top1_ious(gt, match_predictions(gt, preds))
+    out = {}
+    for name, keep in (("first", lambda i: i == 0), ("later", lambda i: i > 0)):
+        sel = [v for v, i in zip(ious, event_indices(gt)) if keep(i)]
+        n = len(sel)
+        row = {f"R1@{t}": (100.0 * sum(v >= t for v in sel) / n if n else float("nan")) for t in R1_THRESHOLDS}
+        row["mIoU"] = 100.0 * sum(sel) / n if n else float("nan")
+        row["num_queries"] = float(n)
+        out[name] = row
+    return out
+
+
+def distinct_top_windows(preds: list[MomentPrediction]) -> int:
+    """How many different top-1 windows the predictions hold (a predictor that ignores the query gives 1)."""
+    return len({tuple(p.windows[0][:2]) for p in preds if p.windows})
