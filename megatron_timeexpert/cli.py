@@ -6,6 +6,7 @@
     timeexpert eval --task charades --pred P.json --gt G.txt               # score predictions (no GPU, no ranks)
     timeexpert tokenizer train --corpus a.txt --vocab-size 512 --out tok  # sentencepiece text tokenizer
     timeexpert placement-sim --loads zipf --experts 256 --ep 16           # placement planner simulator
+    timeexpert diagnose --config R.yaml --checkpoint DIR --data ROOT      # frame-specific visual tokens?
 
 The last three are self-contained: each is a module with ``main(argv) -> int`` (see ``SUBTOOLS``),
 so ``timeexpert eval --help`` shows that module's own options.
@@ -33,6 +34,7 @@ SUBTOOLS = {
     "tokenizer": "megatron_timeexpert.data.tokenizer",
     "placement-sim": "tools.placement_sim",
     "predict": "megatron_timeexpert.predict",
+    "diagnose": "tools.diagnose",
 }
 
 
