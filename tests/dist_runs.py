@@ -198,9 +198,15 @@ def train_checked(
 
 
 def mismatches(
-    run: CheckedRun, ref: CheckedRun, rtol: float, state_rtol: float | None = None, ignore: tuple[str, ...] = ()
+    run: CheckedRun,
+    ref: CheckedRun,
+    rtol: float,
+    state_rtol: float | None = None,
+    ignore: tuple[str, ...] = (),
+    grad_rtol: float | None = None,
 ) -> list[str]:
-    """Every way ``run`` differs from ``ref``: per-step losses, grad norms (relative ``rtol``) and the
+    """Every way ``run`` differs from ``ref``: per-step losses (relative ``rtol``), grad norms
+    (``grad_rtol``; None: ``rtol``) and the
     final state's checksums (``state_rtol`` of each tensor's absolute sum; None: ``rtol``), except
     state tensors whose name contains one of ``ignore``. Empty when they agree; a bitwise comparison
     is ``rtol=0``."""
@@ -208,9 +214,13 @@ def mismatches(
     a, b = run.result, ref.result
     if len(a.losses) != len(b.losses):
         return [f"{len(a.losses)} steps != {len(b.losses)}"]
-    for name, got, want in (("loss", a.losses, b.losses), ("grad norm", a.grad_norms, b.grad_norms)):
+    grad_rtol = rtol if grad_rtol is None else grad_rtol
+    for name, got, want, tol in (
+        ("loss", a.losses, b.losses, rtol),
+        ("grad norm", a.grad_norms, b.grad_norms, grad_rtol),
+    ):
         for step, (x, y) in enumerate(zip(got, want)):
-            if not math.isclose(x, y, rel_tol=rtol, abs_tol=0.0):
+            if not math.isclose(x, y, rel_tol=tol, abs_tol=0.0):
                 bad.append(f"step {a.first_step + step + 1} {name}: {x!r} != {y!r}")
     keep = {k: v for k, v in run.checksums.items() if not any(i in k for i in ignore)}
     keep_ref = {k: v for k, v in ref.checksums.items() if not any(i in k for i in ignore)}

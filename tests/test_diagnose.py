@@ -56,7 +56,7 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
         cwd=ROOT, check=True, capture_output=True, timeout=120,
     )  # fmt: skip
     subprocess.run(
-        [*te, "train", "--corpus", str(out / "corpus.txt"), "--vocab-size", "256", "--out", str(out / "tok")],
+        [*te, "train", "--corpus", str(out / "corpus.txt"), "--vocab-size", "384", "--out", str(out / "tok")],
         cwd=ROOT, check=True, capture_output=True, timeout=120,
     )  # fmt: skip
     return root, out / "tok.model"
@@ -95,7 +95,9 @@ def test_recipe_tokens_pass_and_unstandardised_tokens_fail(data, tmp_path):
     assert "cos(event, empty)" in proc.stdout and "decoder" in proc.stdout
 
     off = ["model.frame_tokens.standardize=false", "model.frame_tokens.time_embedding=false"]
-    bad = _checkpoint(data, tmp_path / "plain" / "ckpt", *off)
+    # without either step the model has no frame_tokens module, so the recipe's freeze list loses it
+    freeze = "training.freeze=[vision.*, lm.decoder.*, lm.embedding.word_embeddings.*, lm.embedding.position_embeddings.*, lm.text_head.*]"
+    bad = _checkpoint(data, tmp_path / "plain" / "ckpt", *off, freeze)
     proc = _diagnose(data, bad, tmp_path / "bad.json", *off)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "do not tell frames with the event from frames without it" in proc.stderr and str(bad) in proc.stderr

@@ -81,7 +81,12 @@ RUN = (
     "training.clip_grad=0.3",
 )
 MAP = "placement.logical_to_physical"
-BF16_RTOL = 3e-3
+# bf16 runs: relative tolerance on losses and on grad norms, measured on two CPU machines (the max
+# over 6 steps of the moving-vs-still run): losses 1.5e-4 and 1.7e-4, grad norms 1.3e-3 and 3.3e-3.
+# The twin that leaves the fp32 main copies behind is off by >= 8.4e-3 (losses) and >= 2.0e-2 (grad
+# norms) from step 4 on both, so each bound sits between the two with a factor >= 2 on either side.
+BF16_RTOL = 2e-3
+BF16_GRAD_RTOL = 1e-2
 STATE = ("",)  # every state tensor (bf16 runs compare losses and grad norms)
 
 
@@ -125,9 +130,9 @@ def test_placement_invariance_with_migration(ep, precision, init_ckpt, tmp_path)
     if precision == "bf16":
         # bf16 partial sums of the experts a rank holds round differently once the experts are
         # grouped differently, and a threshold router turns that into a few flipped routing
-        # decisions: measured up to 1.5e-4 (losses) and 1.3e-3 (grad norms) relative. A migration
-        # that leaves the fp32 main copies behind is 8.4e-3 / 1.7e-2 off from step 4 (the twin below).
-        assert mismatches(moving, still, rtol=BF16_RTOL, ignore=STATE) == []
+        # decisions (how many depends on the CPU's bf16 kernels; BF16_RTOL's comment has the
+        # numbers). A migration that leaves the fp32 main copies behind fails both bounds (twin below).
+        assert mismatches(moving, still, rtol=BF16_RTOL, ignore=STATE, grad_rtol=BF16_GRAD_RTOL) == []
         return
     assert mismatches(moving, still, rtol=2e-5, ignore=(MAP,)) == []
     assert any(MAP in b for b in mismatches(moving, still, rtol=2e-5)), "the placement never changed"
@@ -204,4 +209,5 @@ def test_bf16_comparison_catches_main_copies_left_behind(init_ckpt, tmp_path):
     bad = train_checked(
         from_checkpoint(tmp_path / "bad", init_ckpt, 1, 1, 2, STEPS, *run), 2, after_build=_rotation_without_main_copies
     )
-    assert mismatches(bad, still, rtol=BF16_RTOL, ignore=STATE)
+    bad_steps = mismatches(bad, still, rtol=BF16_RTOL, ignore=STATE, grad_rtol=BF16_GRAD_RTOL)
+    assert any("loss" in b for b in bad_steps) and any("grad norm" in b for b in bad_steps), bad_steps

@@ -40,7 +40,7 @@ GLOBAL_BATCH = 4
 MICRO_BATCH = 2
 STEPS = 3
 RTOL = 2e-5
-ZERO_GRAD_PARAMS = ("vision.slots.norm_slots.bias", "self_attn.k_proj.bias")
+ZERO_GRAD_PARAMS = ("vision.slots.norm_slots.bias", "self_attn.k_proj.bias", "vision.projector.2.bias")
 
 STAGE1_FREEZE = [
     "vision.vit.*",
@@ -314,10 +314,12 @@ def test_layout_invariance_whole_model(workdir, tokenizer, init_ckpt, reference)
     (vision tower included) agree to 2e-5; the vision tower sits on pipeline stage 0 only."""
     run, info = train_video(_from_init(workdir, tokenizer, init_ckpt, 2, 2, 2), 4, tokenizer[0])
     assert len(reference.result.losses) == STEPS
-    # Two biases have a zero gradient in exact arithmetic: a bias on the keys of attention (the ViT's
+    # Three biases have a zero gradient in exact arithmetic: a bias on the keys of attention (the ViT's
     # k_proj) or on the slot queries (slot attention's norm_slots, whose softmax runs over the slots)
-    # shifts every logit of a softmax row equally. Their gradients are rounding noise (~1e-12) that
-    # Adam normalises into full-size steps, so their values and moments are not comparable.
+    # shifts every logit of a softmax row equally, and the projector's last bias adds the same vector to
+    # every frame's token, which the per-video standardisation (model/frame_tokens.py) subtracts again.
+    # Their gradients are rounding noise (~1e-10) that Adam normalises into full-size steps, so their
+    # values and moments are not comparable.
     bad = mismatches(run, reference, rtol=RTOL, ignore=ZERO_GRAD_PARAMS)
     assert bad == [], "\n".join(bad)
     vision = [k for k in reference.checksums if ".vision." in f".{k}" or k.startswith("vision.")]
@@ -454,6 +456,12 @@ def test_real_source_in_the_trainer(workdir, tokenizer, vtg_data):
         f"data.tokenizer={tok}",
         "model.vocab_from_tokenizer=true",
         f"data.image_size={PIXELS}",
+        # The synthetic videos' frames differ only where an event is drawn, so the per-video
+        # standardisation divides by a small spread and magnifies the rounding of the two ranks' gradient
+        # halves: the vision tower's Adam moments then differ by up to 3e-4 (measured) while losses and
+        # grad norms agree to 2e-5. This test is about the data path; the layout-invariance test above
+        # covers the standardisation (random frames) at 2e-5.
+        "model.frame_tokens.standardize=false",
     ]
     saving, _ = train_video(
         video_config(
