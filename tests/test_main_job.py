@@ -1,7 +1,7 @@
 """README's main job end to end at a tiny size: data, tokenizer, the three stages (on one process),
 prediction of the three tasks, scoring next to chance and the training prior.
 
-The real budget (30/800/400 steps, 1000 videos) runs in ``python -m tools.main_job``; this run keeps the
+The real budget (30/600/600 steps, 1000 videos) runs in ``python -m tools.main_job``; this run keeps the
 glue between the steps from rotting: each stage loads the previous stage's checkpoint, every held-out
 query gets a prediction line, and the summary carries every metric and the experts per token type.
 """

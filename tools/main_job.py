@@ -2,7 +2,7 @@
 
 Run (README's first command; about 15 minutes on 2 CPU cores after the install)::
 
-    python -m tools.main_job [--out runs/main_job] [--nproc 4] [--steps 30,800,400] [--seed N] [--fresh]
+    python -m tools.main_job [--out runs/main_job] [--nproc 4] [--steps 30,600,600] [--seed N] [--fresh]
 
 Steps (each skipped when its output exists, unless ``--fresh``):
 
