@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             out = args.out / f"{name}_s{seed}"
             if not args.report_only:
-                cmd = ["--out", str(out), "--nproc", str(args.nproc)] + (["--steps", args.steps] if args.steps else [])
+                cmd = ["--out", str(out), "--nproc", str(args.nproc), "--chance-seeds", "1"]
+                cmd += ["--steps", args.steps] if args.steps else []
                 cmd += ["--seed", str(seed)] + [f"--set={s}" for s in VARIANTS[name]]
                 cmd += [f"--set={s}" for s in ONE_PROCESS] if args.nproc == 1 else []
                 if first is not None:
