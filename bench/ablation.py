@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             "## Router ablation (TimeExpert vs top-k on the main job)\n\n"
             f"Command: `python -m bench.ablation --seeds {args.seeds} --nproc {args.nproc} --steps {step_list}"
             + (f" --data-from {args.data_from}" if args.data_from else "")
+            + (f" --variants {args.variants}" if names != list(VARIANTS) else "")
             + f"`. {machine_line()}.\n"
             "Held-out metrics on the synthetic VTG test set (percent) and the mean number of activated experts per\n"
             "token by type (stage 3, last logged step), each mean ± standard deviation over the seeds (a seed sets\n"
