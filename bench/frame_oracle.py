@@ -10,14 +10,12 @@ lie inside the query's event (frames at the centres of N equal segments, ``dali_
 (the midpoint rule: the window's edges are half-way between a frame inside and its neighbour
 outside); a query with no frame inside gets the segment of the frame nearest to the event's centre.
 Copying frame times instead (first to last frame inside) is the second row. Scored with
-``charades_metrics``, next to the best constant window of the same set. ``--write`` writes the
-"Frame oracle" section of docs/BENCHMARKS.md.
+``charades_metrics``. ``--write`` writes the "Frame oracle" section of docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import numpy as np
 from dali_pipes.sampling import SamplingConfig, target_times
 from megatron_timeexpert.eval import io as eio
 from megatron_timeexpert.eval.moment import charades_metrics
+from tools.main_job import _durations
 
 
 def oracle_window(start: float, end: float, duration: float, n: int, midpoint: bool = True) -> tuple[float, float]:
@@ -57,10 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", default="4,8,16", help="comma-separated frame counts")
     ap.add_argument("--write", action="store_true", help="write the section of docs/BENCHMARKS.md")
     args = ap.parse_args(argv)
-    ann = args.data / "annotations"
-    gt = eio.read_moment_gt(ann / "charades_sta.txt")
-    doc = json.loads((ann / "activitynet_captions.json").read_text())
-    durations = {vid: float(v["duration"]) for vid, v in doc.items()}
+    gt = eio.read_moment_gt(args.data / "annotations" / "charades_sta.txt")
+    durations = _durations(args.data)
     rows = ["| frames | answer | R1@0.3 | R1@0.5 | R1@0.7 | mIoU |", "| ---: | --- | ---: | ---: | ---: | ---: |"]
     for n in (int(x) for x in args.frames.split(",")):
         for midpoint, label in ((True, "midpoint rule"), (False, "first to last frame time")):

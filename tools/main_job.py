@@ -279,10 +279,13 @@ def runs_table(runs: dict[str, dict]) -> list[str]:
 
 
 def _same_command(a: dict, b: dict) -> bool:
+    """Two summaries of one command: same steps, videos, processes and overrides, seeds aside."""
+
+    def unseeded(summary: dict) -> list[str]:
+        return [o for o in summary.get("overrides", []) if not o.startswith(("training.seed=", "data.seed="))]
+
     keys = ("steps", "train_videos", "test_videos", "nproc")
-    return all(a.get(k) == b.get(k) for k in keys) and [
-        o for o in a.get("overrides", []) if not o.startswith(("training.seed=", "data.seed="))
-    ] == [o for o in b.get("overrides", []) if not o.startswith(("training.seed=", "data.seed="))]
+    return all(a.get(k) == b.get(k) for k in keys) and unseeded(a) == unseeded(b)
 
 
 def _write_bench(summary: dict, args) -> None:
