@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import math
+import multiprocessing
 import random
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -379,7 +380,10 @@ def generate(cfg: GeneratorConfig) -> dict[str, Path]:
     specs = [plan_video(cfg, i) for i in range(cfg.num_videos)]
     bar = tqdm(total=len(specs), desc="encoding videos", unit="video", disable=not cfg.progress)
     if cfg.workers > 1:
-        with ProcessPoolExecutor(cfg.workers) as pool:
+        # spawn, not fork: a forked worker inherits the caller's objects (a DALI pipeline, a decoder's
+        # threads' locks) and may run their finalisers, which wait for threads it does not have (a hang
+        # seen in the test suite: DALI's Pipeline.__del__ inside encode_video)
+        with ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             for _ in pool.map(encode_video, [cfg] * len(specs), specs, chunksize=4):
                 bar.update()
     else:
